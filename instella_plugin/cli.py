@@ -1,0 +1,42 @@
+"""The ``instella`` command: one subcommand per tool, each defined in the module that implements it.
+
+A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
+when its subcommand is used, so ``instella --help`` stays fast.
+"""
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "data": ("instella_plugin.data.cli", "tokenise to Megatron .bin/.idx, index token files, resolve blends, format SFT"),
+    "convert": ("instella_plugin.hf.convert_cli", "Megatron dist checkpoint <-> Hugging Face directory"),
+    "merge": ("instella_plugin.hf.merge_cli", "weight ensembling of checkpoints (uniform or weighted mean)"),
+    "rope": ("instella_plugin.rope.cli", "RoPE base for a target context (scaling law)"),
+    "submit": ("instella_plugin.launch.submit", "Slurm batch submission from a recipe and a cluster profile"),
+    "train": ("instella_plugin.training.entry", "the trainer (same as pretrain_gpt.py --plugin instella)"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="instella", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose from: {', '.join(SUBCOMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    if hasattr(module, "main"):
+        return module.main(argv[1:]) or 0
+    sub_parser = argparse.ArgumentParser(prog=f"instella {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    return module.run(sub_parser.parse_args(argv[1:])) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
