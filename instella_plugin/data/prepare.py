@@ -1,0 +1,162 @@
+"""``instella data prepare``: tokenise documents into one Megatron ``.bin``/``.idx`` pair.
+
+Reads JSONL/Parquet/Arrow files or a Hugging Face dataset from a local path or the local cache
+(``readers.py``), tokenises each document with a Hugging Face tokenizer (default: the real Instella
+tokenizer), appends EOS (id 0) to each document, and writes through megatron-core's
+``IndexedDatasetBuilder`` (``indexed.PartialPairWriter``: ``.bin`` renamed into place first, ``.idx``
+last). Documents are read in order in the main process, tokenised in chunks by ``workers`` processes
+and written back in submission order, so the output bytes do not depend on the worker count.
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, asdict
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from instella_plugin.data.indexed import PartialPairWriter, choose_dtype
+from instella_plugin.data.readers import BadRecord, read_documents, resolve_inputs
+
+_WORKER = {}
+
+
+@dataclass
+class PrepareStats:
+    """What one ``prepare`` call wrote."""
+
+    prefix: str
+    documents: int
+    tokens: int
+    bad_records: int
+    empty_documents: int
+    seconds: float
+    dtype: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def _init_worker(tokenizer_json: str, eod_id: Optional[int], split: Optional[str]) -> None:
+    from tokenizers import Tokenizer
+
+    _WORKER.update(tokenizer=Tokenizer.from_str(tokenizer_json), eod=eod_id, split=split)
+
+
+def _tokenize_chunk(texts: Sequence[str]):
+    """Tokenise a chunk of documents: (tokens int32, sequence lengths, sequences per document).
+
+    With sentence splitting each sentence is one sequence of its document; EOS ends the last one.
+    """
+    tok, eod, split = _WORKER["tokenizer"], _WORKER["eod"], _WORKER["split"]
+    if split:
+        from instella_plugin.data.sentences import split_sentences
+
+        pieces_per_doc = [split_sentences(t, split) for t in texts]
+        flat = [p for pieces in pieces_per_doc for p in pieces]
+        per_doc = np.fromiter((len(p) for p in pieces_per_doc), dtype=np.int64, count=len(texts))
+    else:
+        flat, per_doc = list(texts), np.ones(len(texts), dtype=np.int64)
+    encodings = tok.encode_batch(flat, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    if eod is not None:
+        ends = np.cumsum(per_doc) - 1
+        for d in ends[per_doc > 0]:
+            ids[d].append(eod)
+        lengths[ends[per_doc > 0]] += 1
+    tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+    return tokens, lengths, per_doc
+
+
+def _progress(total: int, enabled: Optional[bool], desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                disable=(not sys.stderr.isatty()) if enabled is None else not enabled, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_key: str = "text",
+            workers: int = 1, dtype: str = "auto", append_eod: bool = True, split_sentences: bool = False,
+            language: str = "english", skip_bad_records: bool = False, progress: Optional[bool] = None,
+            chunk_documents: int = 512) -> PrepareStats:
+    """Tokenise ``inputs`` into ``output_prefix.{bin,idx}``; return counts and timing.
+
+    ``tokenizer``: None for the Instella tokenizer, a path/name for ``load_tokenizer``, or a loaded
+    ``PreTrainedTokenizerFast``. ``skip_bad_records``: skip and count malformed records instead of
+    stopping at the first one (the error names file and line). Empty documents are skipped and counted.
+    On any error or interruption no ``.idx`` is left for ``output_prefix``.
+    """
+    from instella_plugin.data.tokenizer import load_tokenizer
+
+    files = resolve_inputs([inputs] if isinstance(inputs, str) else list(inputs))
+    tok = tokenizer if hasattr(tokenizer, "backend_tokenizer") else load_tokenizer(tokenizer)
+    np_dtype = choose_dtype(len(tok), dtype)
+    eod = tok.eos_token_id if append_eod else None
+    if append_eod and eod is None:
+        raise ValueError("the tokenizer has no EOS token; pass append_eod=False (--no-append-eod) or another tokenizer")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    init_args = (tok.backend_tokenizer.to_str(), eod, language if split_sentences else None)
+    if split_sentences:
+        from instella_plugin.data.sentences import punkt_splitter
+
+        punkt_splitter(language)  # fail on a missing model before any work
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    start = time.perf_counter()
+    bad = empty = 0
+    pool = mp.get_context("fork").Pool(workers, _init_worker, init_args) if workers > 1 else None
+    if pool is None:
+        _init_worker(*init_args)
+    pending: collections.deque = collections.deque()
+    bar = _progress(total_bytes, progress, os.path.basename(output_prefix))
+    try:
+        with PartialPairWriter(output_prefix, np_dtype) as writer:
+            def drain(limit: int) -> None:
+                while len(pending) > limit:
+                    result, nbytes = pending.popleft()
+                    writer.add_chunk(*(result.get() if pool is not None else result))
+                    bar.update(nbytes)
+                    bar.set_postfix_str(f"{writer.tokens / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
+
+            chunk, chunk_bytes = [], 0
+            for text, where, nbytes in read_documents(files, json_key):
+                chunk_bytes += nbytes
+                if isinstance(text, BadRecord):
+                    if not skip_bad_records:
+                        raise text
+                    bad += 1
+                    continue
+                if not text.strip():
+                    empty += 1
+                    continue
+                chunk.append(text)
+                if len(chunk) >= chunk_documents:
+                    pending.append((pool.apply_async(_tokenize_chunk, (chunk,)) if pool else _tokenize_chunk(chunk), chunk_bytes))
+                    chunk, chunk_bytes = [], 0
+                    drain(2 * workers if pool else 0)
+            if chunk or chunk_bytes:
+                pending.append((pool.apply_async(_tokenize_chunk, (chunk,)) if pool else _tokenize_chunk(chunk), chunk_bytes))
+            drain(0)
+            writer.commit()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return PrepareStats(output_prefix, writer.documents, writer.tokens, bad, empty,
+                        time.perf_counter() - start, np.dtype(np_dtype).name)
+
+
+def stats_line(stats: PrepareStats) -> str:
+    """One human line summarising a run."""
+    d = asdict(stats)
+    return (f"{d['prefix']}: {d['documents']:,} documents, {d['tokens']:,} tokens ({d['dtype']}) in "
+            f"{d['seconds']:.1f}s, {stats.tokens_per_second:,.0f} tokens/s; skipped {d['bad_records']} bad and "
+            f"{d['empty_documents']} empty records")
