@@ -1,0 +1,219 @@
+"""``instella submit``: Slurm batch submission from a recipe and a cluster profile.
+
+Checks the profile and the parallel/batch arithmetic first (nothing is written or submitted when
+they are wrong), writes the batch script(s) to ``<output_root>/<run-name>/submit/``, then submits
+them with ``sbatch`` (or only prints what it would do with ``--dry-run``, or runs them here with
+bash with ``--local``). Several seeds make a job array plus a merge job that depends on the whole
+array succeeding (``--dependency=afterok``). Submitting the same run name again reuses its
+checkpoint directories, so the trainer resumes from the latest checkpoint.
+"""
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from instella_plugin.launch import jobscript
+from instella_plugin.launch.profile import Layout, ProfileError, check_layout, load_profile
+from instella_plugin.launch.recipe_defaults import available_recipes, recipe_defaults
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+
+
+def add_arguments(p):
+    p.add_argument("--recipe", required=True, help=f"training recipe: {', '.join(available_recipes())}")
+    p.add_argument("--profile", required=True, help="cluster profile: bundled name or YAML path")
+    p.add_argument("--run-name", help="run directory under the profile's output_root (default: recipe name)")
+    p.add_argument("--blend", help="data blend (default: the recipe's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="one seed, or several for a job array + merge")
+    p.add_argument("--no-merge", action="store_true", help="with several seeds: submit no merge job")
+    p.add_argument("--nodes", type=int, help="override the profile's node count")
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int)
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int)
+    p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int)
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--train-iters", type=int)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile key, e.g. --set output_root=/scratch/runs (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="write the scripts and print what would be submitted")
+    p.add_argument("--local", action="store_true", help="run the same scripts here with bash, without Slurm")
+    p.add_argument("trainer_args", nargs=argparse.REMAINDER,
+                   help="after --: further trainer flags, passed unchanged")
+
+
+def plan(args):
+    """Validate everything and return (spec, merge_dir); raises ProfileError/ValueError."""
+    overrides = list(args.overrides) + ([f"nodes={args.nodes}"] if args.nodes else [])
+    profile = load_profile(args.profile, overrides)
+    defaults = recipe_defaults(args.recipe)
+
+    def pick(name, fallback=None):
+        v = getattr(args, name, None)
+        return v if v is not None else defaults.get(name, fallback)
+
+    layout = check_layout(Layout(profile.nodes, profile.gpus_per_node, pick("tp", 1), pick("pp", 1),
+                                 pick("cp", 1), pick("micro_batch_size"), pick("global_batch_size")))
+    blend = args.blend or defaults.get("data_blend")
+    if not blend:
+        raise ProfileError(f"recipe {args.recipe!r} names no data blend; pass --blend NAME")
+    seeds = args.seeds or defaults.get("seeds") or ([defaults["seed"]] if "seed" in defaults else [])
+    if len(set(seeds)) != len(seeds):
+        raise ProfileError(f"--seeds {seeds} repeats a seed; each seed trains its own copy")
+    platform = profile.platform  # "auto": detected inside the job
+    run_name = args.run_name or args.recipe
+    if "/" in run_name or run_name.startswith("."):
+        raise ProfileError(f"--run-name {run_name!r} must be a plain directory name")
+    extra = list(args.trainer_args or [])
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    home = None if "site-packages" in str(PACKAGE_PARENT) else str(PACKAGE_PARENT)
+    entry = ["-m", "instella_plugin.training.entry"]
+    if home and (PACKAGE_PARENT / "pretrain_gpt.py").exists():
+        entry = [str(PACKAGE_PARENT / "pretrain_gpt.py"), "--plugin", "instella"]
+    spec = jobscript.JobSpec(run_name=run_name, run_dir=os.path.join(profile.output_root, run_name),
+                             recipe=args.recipe, blend=blend, profile=profile, layout=layout,
+                             platform=platform, seeds=list(seeds), train_iters=pick("train_iters"),
+                             extra_args=extra, instella_home=home, entry=entry)
+    merge_dir = os.path.join(spec.run_dir, "merged") if spec.is_array and not args.no_merge else None
+    return spec, merge_dir
+
+
+def _write(path, text, mode=0o755):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _check_same_run(spec, record_path):
+    """A run directory keeps its recipe and seeds; anything else belongs in a new --run-name."""
+    if not record_path.exists():
+        return
+    old = json.loads(record_path.read_text())
+    for key, new in (("recipe", spec.recipe), ("seeds", spec.seeds)):
+        if old.get(key) != new:
+            raise ProfileError(f"run {spec.run_name!r} in {spec.run_dir} was submitted with {key}={old.get(key)!r}, "
+                               f"not {new!r}; resubmitting resumes that run, so pick another --run-name")
+
+
+def resume_state(spec):
+    """{checkpoint dir: latest iteration or None} for every checkpoint directory of the run."""
+    dirs = [spec.checkpoint_dir(s) for s in spec.seeds] if spec.is_array else [spec.checkpoint_dir()]
+    out = {}
+    for d in dirs:
+        f = Path(d) / jobscript.TRACKER
+        out[d] = f.read_text().strip() if f.exists() else None
+    return out
+
+
+def _sbatch(argv):
+    res = subprocess.run(["sbatch", "--parsable", *argv], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"sbatch {' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout.strip().split(";")[0]
+
+
+def _queued_jobs(job_name):
+    if not shutil.which("squeue"):
+        return []
+    res = subprocess.run(["squeue", "-h", "-n", job_name, "-o", "%i"], capture_output=True, text=True)
+    return res.stdout.split() if res.returncode == 0 else []
+
+
+def _run_local(script, log, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    for k in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(k)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+    return proc.wait()
+
+
+def run(args):
+    try:
+        spec, merge_dir = plan(args)
+        run_dir = Path(spec.run_dir)
+        _check_same_run(spec, run_dir / "run.json")
+        if not (args.dry_run or args.local) and not shutil.which("sbatch"):
+            raise ProfileError("sbatch not found on PATH: run on a Slurm login node, or use --local / --dry-run")
+    except (ProfileError, ValueError) as e:
+        print(f"instella submit: error: {e}", file=sys.stderr)
+        return 2
+    train = run_dir / "submit" / ("train_seeds.sbatch" if spec.is_array else "train.sbatch")
+    _write(train, jobscript.render_train_script(spec))
+    merge = None
+    if merge_dir:
+        merge = run_dir / "submit" / "merge.sbatch"
+        _write(merge, jobscript.render_merge_script(spec, merge_dir))
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    record = {"run_name": spec.run_name, "recipe": spec.recipe, "blend": spec.blend, "seeds": spec.seeds,
+              "profile": spec.profile.path, "layout": spec.layout.describe()}
+    _write(run_dir / "run.json", json.dumps(record, indent=1) + "\n", mode=0o644)
+
+    print(f"[instella] run {spec.run_name}: {spec.layout.describe()}")
+    for d, it in resume_state(spec).items():
+        print(f"[instella] {d}: " + (f"resumes from iteration {it}" if it else "starts from scratch"))
+    print(f"[instella] scripts: {train}" + (f", {merge}" if merge else ""))
+    logs = run_dir / "logs"
+    submitted = {}
+    if args.dry_run:
+        print(f"[instella] dry run; would submit: sbatch --parsable {train}")
+        if merge:
+            print(f"[instella] then: sbatch --parsable --dependency=afterok:<array job id> {merge}")
+        return 0
+    if args.local:
+        rcs = []
+        for i in range(len(spec.seeds) if spec.is_array else 1):
+            log = logs / (f"local-train-{spec.seeds[i]}.out" if spec.is_array else "local-train.out")
+            print(f"[instella] running {train} locally (task {i}), log {log}")
+            rcs.append(_run_local(train, log, {"INSTELLA_ARRAY_TASK": str(i)}))
+        if merge and all(rc == 0 for rc in rcs):
+            rcs.append(_run_local(merge, logs / "local-merge.out"))
+        print(f"[instella] local run finished with exit codes {rcs}")
+        return 0 if all(rc == 0 for rc in rcs) else 1
+    busy = _queued_jobs(f"instella-{spec.run_name}")
+    if busy:
+        print(f"instella submit: error: run {spec.run_name} still has jobs queued or running ({', '.join(busy)}); "
+              "wait for them or scancel them before resubmitting", file=sys.stderr)
+        return 2
+    try:
+        submitted["train"] = _sbatch([str(train)])
+        if merge:
+            submitted["merge"] = _sbatch([f"--dependency=afterok:{submitted['train']}", "--kill-on-invalid-dep=yes",
+                                          str(merge)])
+    except RuntimeError as e:
+        print(f"instella submit: error: {e}", file=sys.stderr)
+        return 1
+    pattern = "%x-%A_%a.out" if spec.is_array else "%x-%j.out"
+    print(f"[instella] submitted training job {submitted['train']}"
+          + (f" (array of {len(spec.seeds)}: seeds {spec.seeds})" if spec.is_array else "")
+          + f"; logs: {logs}/{pattern.replace('%x', f'instella-{spec.run_name}')}")
+    if merge:
+        print(f"[instella] submitted merge job {submitted['merge']} (after all seeds succeed); "
+              f"logs: {logs}/instella-{spec.run_name}-merge-{submitted['merge']}.out; output: {merge_dir}")
+    entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "jobs": submitted,
+             "resume": resume_state(spec)}
+    with open(run_dir / "submit" / "submissions.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="instella submit", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
