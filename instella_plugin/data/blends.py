@@ -9,12 +9,15 @@ A blend file (``instella_plugin/blends/NAME.yaml`` or any user path) names sourc
       - {name: flan, prefix: dolmino/flan/flan_text_document, fraction: 0.5}
     valid: [...]              # optional, same form; so is test
 
-``prefix`` is relative to ``--data-root`` and may be a glob (each match of ``PATTERN.idx`` is one
-Megatron dataset; a source is usually many shards). In ``fraction`` mode (default 1.0: the whole
-source) a source contributes ``fraction x tokens`` per epoch of the blend, so its Megatron weight is
-``fraction x tokens``; ``fraction: 1.0`` everywhere is the natural proportion. In ``weight`` mode the
-weights are the share of sampled tokens. Either way a source's weight is split over its shards by
-their token counts. Token counts come from the ``.idx`` files (validated against the ``.bin``).
+``prefix`` is relative to ``--data-root`` and may be a glob (``**`` recursive; each match of
+``PATTERN.idx`` is one Megatron dataset; a source is usually many shards). In ``fraction`` mode
+(default 1.0: the whole source; above 1 repeats it) a source contributes ``fraction x tokens`` per
+epoch of the blend, so its Megatron weight is ``fraction x tokens``; ``fraction: 1.0`` everywhere is
+the natural proportion. In ``weight`` mode the weights are the share of sampled tokens. Either way a
+source's weight is split over its shards by their token counts, read from the ``.idx`` files
+(validated against the ``.bin``). ``kind: sft`` blends name SFT stores (``PREFIX_tokens``/``PREFIX_mask``,
+see ``sft.py``) and count examples instead of tokens, since each example fills one padded sample.
+Optional ``total_tokens`` adds the epochs each source is seen at that budget to the table.
 """
 from __future__ import annotations
 
@@ -67,9 +70,10 @@ def load_blend(name_or_path: str) -> dict:
             if other in src:
                 raise BlendError(f"{where} ({src['name']}): '{other}' given in a {mode}-mode blend")
             value = src.setdefault(mode, 1.0)
-            if not isinstance(value, (int, float)) or value < 0 or (mode == "fraction" and value > 1):
-                raise BlendError(f"{where} ({src['name']}): {mode} must be a number"
-                                 f"{' in [0, 1]' if mode == 'fraction' else ' >= 0'}, got {value!r}")
+            if not isinstance(value, (int, float)) or value < 0:
+                raise BlendError(f"{where} ({src['name']}): {mode} must be a number >= 0, got {value!r}")
+    if blend.setdefault("kind", "gpt") not in ("gpt", "sft"):
+        raise BlendError(f"{path}: kind must be 'gpt' or 'sft', not {blend['kind']!r}")
     return blend
 
 
@@ -86,9 +90,12 @@ class SourceRow:
     weight: float = 0.0  # normalised share of samples within its split
     epoch_tokens: float = 0.0  # tokens drawn per epoch of the blend
 
+    shard_sizes: List[int] = field(default_factory=list)  # what weights are split by (tokens or examples)
+
     def shard_weights(self) -> List[float]:
-        total = sum(self.shard_tokens) or 1
-        return [self.weight * t / total for t in self.shard_tokens]
+        sizes = self.shard_sizes or self.shard_tokens
+        total = sum(sizes) or 1
+        return [self.weight * t / total for t in sizes]
 
 
 @dataclass
@@ -98,6 +105,8 @@ class ResolvedBlend:
     name: str
     mode: str
     data_root: str
+    kind: str = "gpt"
+    total_tokens: Optional[float] = None
     rows: List[SourceRow] = field(default_factory=list)
 
     def split_rows(self, split: str) -> List[SourceRow]:
@@ -140,18 +149,24 @@ class ResolvedBlend:
 
     def table(self) -> str:
         """Human table: source, documents, tokens, weight, tokens per epoch of the blend."""
-        head = f"{'split':<6} {'source':<28} {'shards':>6} {'documents':>14} {'tokens':>18} {'weight':>9} {'tokens/epoch':>18}"
+        unit = "examples/epoch" if self.kind == "sft" else "tokens/epoch"
+        head = f"{'split':<6} {'source':<28} {'shards':>6} {'documents':>14} {'tokens':>18} {'weight':>9} {unit:>18}"
+        if self.total_tokens:
+            head += f" {'epochs@total':>12}"
         lines = [f"blend {self.name} ({self.mode} mode), data root {self.data_root}", head, "-" * len(head)]
         for r in self.rows:
-            lines.append(f"{r.split:<6} {r.name[:28]:<28} {len(r.prefixes):>6} {r.documents:>14,} {r.tokens:>18,} "
-                         f"{r.weight:>9.5f} {r.epoch_tokens:>18,.0f}")
+            line = (f"{r.split:<6} {r.name[:28]:<28} {len(r.prefixes):>6} {r.documents:>14,} {r.tokens:>18,} "
+                    f"{r.weight:>9.5f} {r.epoch_tokens:>18,.0f}")
+            if self.total_tokens:
+                line += f" {r.weight * self.total_tokens / max(r.tokens, 1):>12.3f}"
+            lines.append(line)
         return "\n".join(lines)
 
 
 def _expand(data_root: str, prefix: str) -> List[str]:
     pattern = os.path.join(data_root, prefix)
     if any(ch in prefix for ch in "*?["):
-        return sorted(p[:-4] for p in glob.glob(pattern + ("" if pattern.endswith(".idx") else ".idx")))
+        return sorted(p[:-4] for p in glob.glob(pattern + ("" if pattern.endswith(".idx") else ".idx"), recursive=True))
     return [pattern] if os.path.isfile(pattern + ".idx") else []
 
 
@@ -162,25 +177,31 @@ def resolve_blend(name_or_path: str, data_root: str) -> ResolvedBlend:
     ``IndexedDataError`` for a pair whose ``.idx`` does not match its ``.bin``.
     """
     blend = load_blend(name_or_path)
-    mode = blend["mode"]
-    resolved = ResolvedBlend(blend["name"], mode, os.path.abspath(data_root))
+    mode, sft = blend["mode"], blend["kind"] == "sft"
+    resolved = ResolvedBlend(blend["name"], mode, os.path.abspath(data_root), blend["kind"], blend.get("total_tokens"))
     missing = []
+    suffix = "_tokens" if sft else ""
     for split in SPLITS:
         for src in blend.get(split) or []:
-            prefixes = _expand(data_root, str(src["prefix"]))
+            prefixes = _expand(data_root, str(src["prefix"]) + suffix)
             if not prefixes:
-                missing.append(f"{split}/{src['name']}: {os.path.join(data_root, str(src['prefix']))}(.bin/.idx)")
+                missing.append(f"{split}/{src['name']}: {os.path.join(data_root, str(src['prefix']) + suffix)}(.bin/.idx)")
                 continue
             infos = [check_pair(p) for p in prefixes]
+            if sft:
+                infos = [check_pair(p[: -len(suffix)] + "_mask") and i for p, i in zip(prefixes, infos)]
+                prefixes = [p[: -len(suffix)] for p in prefixes]
             resolved.rows.append(SourceRow(split, src["name"], prefixes, [i.tokens for i in infos],
                                            sum(i.documents for i in infos), sum(i.tokens for i in infos),
-                                           weight=float(src[mode])))
+                                           weight=float(src[mode]),
+                                           shard_sizes=[i.documents for i in infos] if sft else []))
     if missing:
         raise BlendError(f"blend {blend['name']}: {len(missing)} source(s) have no data under {data_root}:\n  "
                          + "\n  ".join(missing) + "\nprepare them with `instella data prepare` or fix --data-root")
     for split in SPLITS:
         rows = resolved.split_rows(split)
-        raw = [r.weight * r.tokens if mode == "fraction" else r.weight for r in rows]
+        size = (lambda r: r.documents) if sft else (lambda r: r.tokens)
+        raw = [r.weight * size(r) if mode == "fraction" else r.weight for r in rows]
         total = sum(raw)
         if rows and total <= 0:
             raise BlendError(f"blend {blend['name']}: the {split} split has zero total weight")
@@ -190,7 +211,7 @@ def resolve_blend(name_or_path: str, data_root: str) -> ResolvedBlend:
             for r, w in zip(rows, raw):
                 r.epoch_tokens = w
         else:  # an epoch ends when the first source runs out at these weights
-            budget = min((r.tokens / r.weight for r in rows if r.weight > 0), default=0.0)
+            budget = min((size(r) / r.weight for r in rows if r.weight > 0), default=0.0)
             for r in rows:
                 r.epoch_tokens = r.weight * budget
     return resolved
