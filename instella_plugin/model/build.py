@@ -1,0 +1,42 @@
+"""Build this rank's Instella model chunks (one per virtual pipeline stage) from a config and a spec."""
+from typing import List, Optional
+
+import torch
+
+from instella_plugin.model.config import InstellaConfig
+from instella_plugin.model.specs import check_spec_name, get_spec
+
+
+def build_gpt_chunks(cfg: InstellaConfig, transformer_config, spec_name: str = "instella",
+                     init_seed: Optional[int] = 1234) -> List[torch.nn.Module]:
+    """megatron GPTModel chunks for this rank (after ``initialize_model_parallel``).
+
+    ``init_seed=None`` leaves the weights uninitialised (a checkpoint will be loaded).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from instella_plugin.model.init import initialize_model
+
+    check_spec_name(spec_name)
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = GPTModel(
+            config=transformer_config,
+            transformer_layer_spec=get_spec(spec_name, transformer_config, vp_stage=stage),
+            vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=cfg.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=cfg.rotary_base,
+            vp_stage=stage,
+        )
+        chunks.append(model)
+    if init_seed is not None:
+        initialize_model(chunks, cfg, init_seed)
+    return chunks

@@ -1,0 +1,41 @@
+"""Wrap model chunks in megatron's DistributedDataParallel and wire the config hooks the schedules use."""
+from typing import List
+
+import torch
+
+
+def wrap_ddp(chunks: List[torch.nn.Module], *, use_distributed_optimizer: bool = False,
+             overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
+             grad_reduce_in_fp32: bool = True, bucket_size=None) -> List[torch.nn.Module]:
+    """DDP-wrap every chunk and set ``finalize_model_grads`` / ``no_sync`` on the shared config."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather, use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False, bucket_size=bucket_size)
+    wrapped = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=(i > 0))
+        for i, chunk in enumerate(chunks)
+    ]
+    for m in wrapped:
+        m.broadcast_params()
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [m.no_sync for m in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if overlap_grad_reduce:
+        syncs = [m.start_grad_sync for m in wrapped]
+        config.grad_sync_func = syncs[0] if len(syncs) == 1 else syncs
+    if overlap_param_gather and use_distributed_optimizer:
+        gathers = [m.start_param_sync for m in wrapped]
+        config.param_sync_func = gathers[0] if len(gathers) == 1 else gathers
+    return wrapped
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
