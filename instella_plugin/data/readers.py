@@ -41,7 +41,8 @@ def _hf_cache_dir(name: str) -> str | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id=name, repo_type="dataset", local_files_only=True)
+        return snapshot_download(repo_id=name, repo_type="dataset", local_files_only=True,
+                                 cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except Exception:
         return None
 
