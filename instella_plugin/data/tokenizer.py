@@ -81,3 +81,14 @@ def load_tokenizer(path_or_name: str | None = None):
 def vocab_size_of(tokenizer) -> int:
     """Number of ids the tokenizer can emit (base vocabulary plus added tokens)."""
     return len(tokenizer)
+
+
+class DatasetTokenizerInfo:
+    """What megatron-core's ``GPTDatasetConfig(tokenizer=...)`` reads from a tokenizer: ``eod``, ``pad``,
+    ``vocab_size`` and ``unique_identifiers`` (hashed into the dataset cache key). Enough for
+    ``GPTDataset``/``BlendedMegatronDatasetBuilder``; nothing here encodes text."""
+
+    def __init__(self, eod: int = EOS_ID, pad: int = PAD_ID, vocab_size: int = VOCAB_SIZE, name: str = INSTELLA_TOKENIZER_FILE):
+        self.eod, self.pad, self.vocab_size = eod, pad, vocab_size
+        self.unique_identifiers = {"class": type(self).__name__, "name": name, "eod": eod, "pad": pad,
+                                   "vocab_size": vocab_size}
