@@ -37,6 +37,9 @@ def add_arguments(p):
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--global-batch-size", type=int)
     p.add_argument("--train-iters", type=int)
+    p.add_argument("--init-from", metavar="DIR",
+                   help="checkpoint to start from while the run has none of its own (Megatron-LM's "
+                        "--pretrained-checkpoint), e.g. stage 1 for stage 2")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile key, e.g. --set output_root=/scratch/runs (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="write the scripts and print what would be submitted")
@@ -70,6 +73,8 @@ def plan(args):
     extra = list(args.trainer_args or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
+    if args.init_from:
+        extra = ["--pretrained-checkpoint", os.path.abspath(args.init_from)] + extra
     home = None if "site-packages" in str(PACKAGE_PARENT) else str(PACKAGE_PARENT)
     entry = ["-m", "instella_plugin.training.entry"]
     if home and (PACKAGE_PARENT / "pretrain_gpt.py").exists():

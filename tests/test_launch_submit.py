@@ -1,0 +1,159 @@
+"""``instella submit``: the scripts it writes, what it hands to sbatch, resubmission and --local.
+
+sbatch/squeue are replaced by stubs that record their arguments; the real Slurm run is in
+test_slurm_e2e.py (slow tier). ``--local`` runs the written script with bash and real torchrun, with a
+stand-in trainer that writes a checkpoint tracker, so resuming is observable.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instella_plugin.launch import submit
+
+ROOT = Path(__file__).resolve().parents[1]
+STUB_SBATCH = """#!/bin/sh
+n=$(($(cat "{d}/count" 2>/dev/null || echo 100) + 1)); echo $n > "{d}/count"
+echo "$@" >> "{d}/sbatch_calls"
+echo "$n"
+"""
+
+
+@pytest.fixture
+def slurm_stub(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(STUB_SBATCH.format(d=tmp_path))
+    (bin_dir / "squeue").write_text("#!/bin/sh\ncat \"%s/queued\" 2>/dev/null\n" % tmp_path)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return tmp_path
+
+
+def cli(tmp_path, *extra, recipe="tiny-cpu"):
+    return submit.main(["--recipe", recipe, "--profile", "local-cpu", "--blend", "tiny",
+                        "--set", f"output_root={tmp_path}/runs", "--set", f"data_root={tmp_path}/data", *extra])
+
+
+def calls(tmp_path):
+    f = tmp_path / "sbatch_calls"
+    return f.read_text().splitlines() if f.exists() else []
+
+
+def test_dry_run_writes_a_clean_script(tmp_path, slurm_stub, capsys):
+    rc = cli(tmp_path, "--run-name", "r1", "--micro-batch-size", "2", "--global-batch-size", "8",
+             "--train-iters", "20", "--seeds", "77", "--init-from", str(tmp_path / "init"), "--dry-run",
+             "--", "--log-interval", "1")
+    out = capsys.readouterr().out
+    assert rc == 0 and calls(tmp_path) == []
+    script = tmp_path / "runs/r1/submit/train.sbatch"
+    text = script.read_text()
+    assert "global batch 8 = micro 2 x DP 2 x 2 accumulation" in out
+    for line in ["#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=2",
+                 "#SBATCH --time=00:30:00", "#SBATCH --signal=USR1@60",
+                 f"#SBATCH --output={tmp_path}/runs/r1/logs/%x-%j.out",
+                 "--nproc-per-node 2", "--instella-recipe tiny-cpu --data-blend tiny",
+                 f"--data-root {tmp_path}/data", '--save "$CKPT_DIR" --load "$CKPT_DIR"',
+                 "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --context-parallel-size 1",
+                 "--micro-batch-size 2", "--global-batch-size 8", "--seed 77", "--train-iters 20",
+                 "--exit-signal-handler", f"--pretrained-checkpoint {tmp_path}/init --log-interval 1",
+                 "export GLOO_SOCKET_IFNAME=lo", "--platform cpu --format export", 'trap "" USR1']:
+        assert line in text, line
+    assert "--gpus-per-node" not in text  # CPU profile asks Slurm for no GPUs
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck); bash -n passed")
+    res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def test_seed_array_and_dependent_merge(tmp_path, slurm_stub, capsys):
+    rc = cli(tmp_path, "--run-name", "s2", "--seeds", "5796", "6198", "8915", recipe="stage2")
+    out = capsys.readouterr().out
+    assert rc == 0
+    train, merge = calls(tmp_path)
+    assert train == f"--parsable {tmp_path}/runs/s2/submit/train_seeds.sbatch"
+    assert merge == f"--parsable --dependency=afterok:101 --kill-on-invalid-dep=yes {tmp_path}/runs/s2/submit/merge.sbatch"
+    assert "submitted training job 101 (array of 3: seeds [5796, 6198, 8915])" in out
+    assert f"logs: {tmp_path}/runs/s2/logs/instella-s2-%A_%a.out" in out
+    assert "submitted merge job 102" in out and f"output: {tmp_path}/runs/s2/merged" in out
+    text = (tmp_path / "runs/s2/submit/train_seeds.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in text and "SEEDS=(5796 6198 8915)" in text and '--seed "$SEED"' in text
+    assert 'CKPT_DIR="$RUN_DIR/seed_$SEED/checkpoints"' in text
+    m = (tmp_path / "runs/s2/submit/merge.sbatch").read_text()
+    for s in (5796, 6198, 8915):
+        assert f"{tmp_path}/runs/s2/seed_{s}/checkpoints" in m
+    assert '-m instella_plugin.cli merge --inputs "${INPUTS[@]}" --output "$OUTPUT"' in m
+    assert f"OUTPUT={tmp_path}/runs/s2/merged" in m
+    record = json.loads((tmp_path / "runs/s2/submit/submissions.jsonl").read_text())
+    assert record["jobs"] == {"train": "101", "merge": "102"}
+    for script in ("train_seeds.sbatch", "merge.sbatch"):
+        subprocess.run(["bash", "-n", str(tmp_path / "runs/s2/submit" / script)], check=True)
+
+
+def test_resubmit_resumes_and_guards_the_run(tmp_path, slurm_stub, capsys):
+    assert cli(tmp_path, "--run-name", "r") == 0
+    ckpt = tmp_path / "runs/r/checkpoints"
+    assert "checkpoints: starts from scratch" in capsys.readouterr().out
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("40\n")
+    assert cli(tmp_path, "--run-name", "r") == 0
+    assert f"{ckpt}: resumes from iteration 40" in capsys.readouterr().out
+    assert len(calls(tmp_path)) == 2  # same script again: --load = --save picks up the checkpoint
+    (tmp_path / "queued").write_text("555\n")
+    assert cli(tmp_path, "--run-name", "r") == 2
+    assert "still has jobs queued or running (555)" in capsys.readouterr().err
+    (tmp_path / "queued").unlink()
+    assert cli(tmp_path, "--run-name", "r", recipe="stage1") == 2
+    assert "was submitted with recipe='tiny-cpu'" in capsys.readouterr().err
+    assert len(calls(tmp_path)) == 2
+
+
+def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cli(tmp_path) == 2
+    assert "sbatch not found on PATH" in capsys.readouterr().err
+
+
+STUB_TRAINER = '''
+import argparse, json, os
+p = argparse.ArgumentParser(); p.add_argument("--save"); p.add_argument("--load"); p.add_argument("--seed")
+p.add_argument("--train-iters", type=int); a, _ = p.parse_known_args()
+tracker = os.path.join(a.load, "latest_checkpointed_iteration.txt")
+start = int(open(tracker).read()) if os.path.exists(tracker) else 0
+if int(os.environ["RANK"]) == 0:
+    with open(os.path.join(a.save, "calls.jsonl"), "a") as f:
+        f.write(json.dumps({"start": start, "world": int(os.environ["WORLD_SIZE"]), "seed": a.seed}) + "\\n")
+    open(tracker, "w").write(str(start + a.train_iters))
+'''
+
+
+def test_local_runs_the_same_script_and_resumes(tmp_path, monkeypatch, capsys):
+    """--local: bash runs the written script, torchrun starts 2 ranks; a second run resumes."""
+    stub = tmp_path / "stub_trainer.py"
+    stub.write_text(STUB_TRAINER)
+    real_plan = submit.plan
+
+    def plan_with_stub(args):
+        spec, merge_dir = real_plan(args)
+        spec.entry = [str(stub)]
+        return spec, merge_dir
+
+    monkeypatch.setattr(submit, "plan", plan_with_stub)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no sbatch needed for --local
+    args = ("--run-name", "loc", "--seeds", "11", "22", "--no-merge", "--train-iters", "5", "--local")
+    assert cli(tmp_path, *args) == 0
+    assert cli(tmp_path, *args) == 0
+    out = capsys.readouterr().out
+    for seed in (11, 22):
+        lines = [json.loads(x) for x in (tmp_path / f"runs/loc/seed_{seed}/checkpoints/calls.jsonl").read_text().splitlines()]
+        assert lines == [{"start": 0, "world": 2, "seed": str(seed)}, {"start": 5, "world": 2, "seed": str(seed)}]
+    assert len(re.findall(r"resuming from iteration 5 in", out)) == 2
+    assert "TOKENIZERS_PARALLELISM=false" in out and "local run finished with exit codes [0, 0]" in out
+    assert (tmp_path / "runs/loc/logs/local-train-22.out").exists()
