@@ -54,7 +54,10 @@ def load_tokenizer(path_or_name: str | None = None):
     ``None`` (or ``"instella"``) loads the real Instella tokenizer (eos 0, bos 0, pad 1, and the
     Instella chat template). A ``.json`` path loads that ``tokenizers`` file; anything else is passed to
     ``AutoTokenizer.from_pretrained`` (a local directory or a name already in the Hugging Face cache).
+    An already loaded tokenizer is returned as it is.
     """
+    if hasattr(path_or_name, "encode"):
+        return path_or_name
     if path_or_name in (None, "", "instella"):
         from instella_plugin.data.sft import CHAT_TEMPLATE
 
