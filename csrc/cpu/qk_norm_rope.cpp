@@ -1,0 +1,230 @@
+// Full-width QK-norm fused with RoPE on the CPU, for q or k in Megatron's [s, b, heads, head_dim].
+//
+// Per (s, b) row of width heads*head_dim: n = cast(x * r) with r = 1/sqrt(ss/full_width + eps),
+// y = cast(w * n) (Instella's RMSNorm), then out = cast(y*cos + rotate_half(y)*sin) in Acc, with
+// cos/sin of the angles freqs[s, :] evaluated in Acc (rotate_half(y) = [-y2, y1] per head).
+// Under tensor parallelism ss is the all-reduced sum of squares and full_width the global width.
+#include <math.h>
+#include <omp.h>
+
+#include <vector>
+
+#include "cpu_common.h"
+#include "instella_kernels/math.h"
+#include "kernels.h"
+
+namespace instella {
+namespace cpu {
+namespace {
+
+template <class T>
+INSTELLA_INLINE typename Acc<T>::type row_sumsq(const T* xr, const QKShape& sh) {
+  using A = typename Acc<T>::type;
+  A ss = 0;
+  for (int64_t h = 0; h < sh.heads; ++h) {
+    const T* xh = xr + h * sh.stride_h;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t d = 0; d < sh.head_dim; ++d) {
+      const A v = to_acc(xh[d]);
+      ss += v * v;
+    }
+  }
+  return ss;
+}
+
+template <class A>
+INSTELLA_INLINE void angles(const A* f, int64_t hd, A* cs, A* sn) {
+#pragma omp simd
+  for (int64_t d = 0; d < hd; ++d) sincos_acc(f[d], &sn[d], &cs[d]);
+}
+
+// Rows [r0, r1) of the flattened (s, b) index; cs/sn hold head_dim values of scratch each.
+template <class T>
+INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename Acc<T>::type* freqs,
+                              const typename Acc<T>::type* ss_in, int64_t full_width, double eps, T* y,
+                              typename Acc<T>::type* rstd, typename Acc<T>::type* cs,
+                              typename Acc<T>::type* sn, int64_t r0, int64_t r1) {
+  using A = typename Acc<T>::type;
+  const int64_t hd = sh.head_dim, half = hd / 2, width = sh.heads * hd;
+  int64_t cur_s = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t is = r / sh.b, ib = r % sh.b;
+    if (is != cur_s) {
+      angles<A>(freqs + is * hd, hd, cs, sn);
+      cur_s = is;
+    }
+    const T* xr = x + is * sh.stride_s + ib * sh.stride_b;
+    const A ss = ss_in ? ss_in[r] : row_sumsq<T>(xr, sh);
+    const A inv = A(1) / sqrt(ss / A(full_width) + A(eps));
+    rstd[r] = inv;
+    T* yr = y + r * width;
+    for (int64_t h = 0; h < sh.heads; ++h) {
+      const T* xh = xr + h * sh.stride_h;
+      const T* wh = w + h * hd;
+      T* yh = yr + h * hd;
+#pragma omp simd
+      for (int64_t d = 0; d < half; ++d) {
+        const A a = round_to<T>(to_acc(wh[d]) * round_to<T>(to_acc(xh[d]) * inv));
+        const A b = round_to<T>(to_acc(wh[d + half]) * round_to<T>(to_acc(xh[d + half]) * inv));
+        yh[d] = from_acc<T>(a * cs[d] - b * sn[d]);
+        yh[d + half] = from_acc<T>(b * cs[d + half] + a * sn[d + half]);
+      }
+    }
+  }
+}
+
+// Backward of a chunk of rows; part[0..width) receives the chunk's weight-gradient partial sums and
+// dn (width values) is scratch for dL/dn = w * (RoPE^T dy).
+template <class T>
+INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,
+                              const typename Acc<T>::type* freqs, const typename Acc<T>::type* rstd,
+                              int64_t full_width, bool split, T* dx, typename Acc<T>::type* dss,
+                              typename Acc<T>::type* part, typename Acc<T>::type* dn,
+                              typename Acc<T>::type* cs, typename Acc<T>::type* sn, int64_t r0,
+                              int64_t r1) {
+  using A = typename Acc<T>::type;
+  const int64_t hd = sh.head_dim, half = hd / 2, width = sh.heads * hd;
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) part[i] = 0;
+  int64_t cur_s = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t is = r / sh.b, ib = r % sh.b;
+    if (is != cur_s) {
+      angles<A>(freqs + is * hd, hd, cs, sn);
+      cur_s = is;
+    }
+    const T* xr = x + is * sh.stride_s + ib * sh.stride_b;
+    const T* gr = dy + is * gsh.stride_s + ib * gsh.stride_b;
+    const A inv = rstd[r];
+    A dot = 0;  // sum over the row of dn * x
+    for (int64_t h = 0; h < sh.heads; ++h) {
+      const T* xh = xr + h * sh.stride_h;
+      const T* gh = gr + h * gsh.stride_h;
+      const T* wh = w + h * hd;
+      A* ph = part + h * hd;
+      A* dnh = dn + h * hd;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < half; ++d) {
+        const A g1 = to_acc(gh[d]), g2 = to_acc(gh[d + half]);
+        const A u1 = g1 * cs[d] + g2 * sn[d + half];  // RoPE^T dy
+        const A u2 = g2 * cs[d + half] - g1 * sn[d];
+        const A x1 = to_acc(xh[d]), x2 = to_acc(xh[d + half]);
+        ph[d] += u1 * round_to<T>(x1 * inv);
+        ph[d + half] += u2 * round_to<T>(x2 * inv);
+        const A n1 = u1 * to_acc(wh[d]), n2 = u2 * to_acc(wh[d + half]);
+        dnh[d] = n1;
+        dnh[d + half] = n2;
+        dot += n1 * x1 + n2 * x2;
+      }
+    }
+    const A c = inv * inv * inv * dot / A(full_width);
+    T* dxr = dx + r * width;
+    if (split) {
+      dss[r] = A(-0.5) * c;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) dxr[i] = from_acc<T>(inv * dn[i]);
+    } else {
+      for (int64_t h = 0; h < sh.heads; ++h) {
+        const T* xh = xr + h * sh.stride_h;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) {
+          dxr[h * hd + d] = from_acc<T>(inv * dn[h * hd + d] - c * to_acc(xh[d]));
+        }
+      }
+    }
+  }
+}
+
+#define INSTELLA_QK_WORKERS(T)                                                                      \
+  INSTELLA_CLONES void sumsq_chunk(const T* x, QKShape sh, Acc<T>::type* ss, int64_t r0,          \
+                                   int64_t r1) {                                                    \
+    for (int64_t r = r0; r < r1; ++r)                                                               \
+      ss[r] = row_sumsq<T>(x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b, sh);          \
+  }                                                                                                 \
+  INSTELLA_CLONES void fwd_chunk(const T* x, QKShape sh, const T* w, const Acc<T>::type* freqs,   \
+                                 const Acc<T>::type* ss, int64_t fw, double eps, T* y,              \
+                                 Acc<T>::type* rstd, Acc<T>::type* cs, Acc<T>::type* sn,           \
+                                 int64_t r0, int64_t r1) {                                          \
+    fwd_rows<T>(x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, r0, r1);                             \
+  }                                                                                                 \
+  INSTELLA_CLONES void bwd_chunk(const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,    \
+                                 const Acc<T>::type* freqs, const Acc<T>::type* rstd, int64_t fw,  \
+                                 bool split, T* dx, Acc<T>::type* dss, Acc<T>::type* part,         \
+                                 Acc<T>::type* dn, Acc<T>::type* cs, Acc<T>::type* sn, int64_t r0, \
+                                 int64_t r1) {                                                      \
+    bwd_rows<T>(dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs, sn, r0, r1);     \
+  }
+INSTELLA_QK_WORKERS(float)
+INSTELLA_QK_WORKERS(double)
+INSTELLA_QK_WORKERS(bf16)
+
+}  // namespace
+
+void qk_sumsq(DType dt, const void* x, QKShape sh, void* ss) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    const int64_t rows = sh.s * sh.b, step = 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      sumsq_chunk(static_cast<const T*>(x), sh, static_cast<A*>(ss), r0,
+                  r0 + step < rows ? r0 + step : rows);
+    }
+  });
+}
+
+void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const void* freqs,
+                      const void* ss, int64_t full_width, double eps, void* y, void* rstd) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    const int64_t rows = sh.s * sh.b, step = 16;
+#pragma omp parallel
+    {
+      std::vector<A> scratch(2 * size_t(sh.head_dim));
+#pragma omp for schedule(static)
+      for (int64_t r0 = 0; r0 < rows; r0 += step) {
+        fwd_chunk(static_cast<const T*>(x), sh, static_cast<const T*>(w),
+                  static_cast<const A*>(freqs), static_cast<const A*>(ss), full_width, eps,
+                  static_cast<T*>(y), static_cast<A*>(rstd), scratch.data(),
+                  scratch.data() + sh.head_dim, r0, r0 + step < rows ? r0 + step : rows);
+      }
+    }
+  });
+}
+
+void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKShape sh, const void* w,
+                      const void* freqs, const void* rstd, int64_t full_width, bool split, void* dx,
+                      void* dw, void* dss) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    const int64_t rows = sh.s * sh.b, width = sh.heads * sh.head_dim;
+    const int64_t per = rows_per_chunk(rows);
+    const int64_t chunks = rows == 0 ? 0 : (rows + per - 1) / per;
+    std::vector<A> part(size_t(chunks) * size_t(width));
+#pragma omp parallel
+    {
+      std::vector<A> scratch(size_t(width) + 2 * size_t(sh.head_dim));
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
+        bwd_chunk(static_cast<const T*>(dy), gsh, static_cast<const T*>(x), sh,
+                  static_cast<const T*>(w), static_cast<const A*>(freqs), static_cast<const A*>(rstd),
+                  full_width, split, static_cast<T*>(dx), static_cast<A*>(dss),
+                  part.data() + c * width, scratch.data(), scratch.data() + width,
+                  scratch.data() + width + sh.head_dim, r0, r1);
+      }
+    }
+    T* dwp = static_cast<T*>(dw);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < width; ++i) {
+      A s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += part[size_t(c) * width + i];
+      dwp[i] = from_acc<T>(s);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace instella

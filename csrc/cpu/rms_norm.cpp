@@ -1,0 +1,124 @@
+// RMSNorm with Instella's rounding order on the CPU: x -> Acc, x * rsqrt(mean(x^2) + eps),
+// cast to the dtype of x, then multiply by the weight (rounded again to that dtype).
+// Backward treats the casts as identities (straight-through), as autograd does for .to(dtype).
+#include <math.h>
+#include <omp.h>
+
+#include <vector>
+
+#include "cpu_common.h"
+#include "kernels.h"
+
+namespace instella {
+namespace cpu {
+namespace {
+
+template <class T>
+INSTELLA_INLINE void fwd_rows(const T* x, int64_t xs, const T* w, T* y, typename Acc<T>::type* rstd,
+                              int64_t r0, int64_t r1, int64_t n, double eps) {
+  using A = typename Acc<T>::type;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * xs;
+    T* yr = y + r * n;
+    A ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) {
+      const A v = to_acc(xr[i]);
+      ss += v * v;
+    }
+    const A inv = A(1) / sqrt(ss / A(n) + A(eps));
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      yr[i] = from_acc<T>(to_acc(w[i]) * round_to<T>(to_acc(xr[i]) * inv));
+    }
+    rstd[r] = inv;
+  }
+}
+
+// One chunk of rows: dx for each row, and the chunk's partial weight gradient in part[0..n).
+template <class T>
+INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, const T* w,
+                              const typename Acc<T>::type* rstd, T* dx, typename Acc<T>::type* part,
+                              int64_t r0, int64_t r1, int64_t n) {
+  using A = typename Acc<T>::type;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) part[i] = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * xs;
+    const T* gr = dy + r * dys;
+    T* dxr = dx + r * n;
+    const A inv = rstd[r];
+    A dot = 0;  // sum_i dn_i * x_i with dn = dy * w
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < n; ++i) {
+      const A xv = to_acc(xr[i]);
+      const A g = to_acc(gr[i]);
+      dot += g * to_acc(w[i]) * xv;
+      part[i] += g * round_to<T>(xv * inv);
+    }
+    const A c = inv * inv * inv * dot / A(n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      dxr[i] = from_acc<T>(inv * to_acc(gr[i]) * to_acc(w[i]) - c * to_acc(xr[i]));
+    }
+  }
+}
+
+#define INSTELLA_RMS_WORKERS(T)                                                                   \
+  INSTELLA_CLONES void fwd_chunk(const T* x, int64_t xs, const T* w, T* y, Acc<T>::type* rstd,   \
+                                 int64_t r0, int64_t r1, int64_t n, double eps) {                 \
+    fwd_rows<T>(x, xs, w, y, rstd, r0, r1, n, eps);                                               \
+  }                                                                                               \
+  INSTELLA_CLONES void bwd_chunk(const T* dy, int64_t dys, const T* x, int64_t xs, const T* w,   \
+                                 const Acc<T>::type* rstd, T* dx, Acc<T>::type* part, int64_t r0, \
+                                 int64_t r1, int64_t n) {                                         \
+    bwd_rows<T>(dy, dys, x, xs, w, rstd, dx, part, r0, r1, n);                                    \
+  }
+INSTELLA_RMS_WORKERS(float)
+INSTELLA_RMS_WORKERS(double)
+INSTELLA_RMS_WORKERS(bf16)
+
+}  // namespace
+
+void rms_norm_fwd(DType dt, const void* x, int64_t x_stride, const void* w, void* y, void* rstd,
+                  int64_t rows, int64_t hidden, double eps) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    const int64_t step = 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      const int64_t r1 = r0 + step < rows ? r0 + step : rows;
+      fwd_chunk(static_cast<const T*>(x), x_stride, static_cast<const T*>(w), static_cast<T*>(y),
+                static_cast<A*>(rstd), r0, r1, hidden, eps);
+    }
+  });
+}
+
+void rms_norm_bwd(DType dt, const void* dy, int64_t dy_stride, const void* x, int64_t x_stride,
+                  const void* w, const void* rstd, void* dx, void* dw, int64_t rows, int64_t hidden) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    const int64_t per = rows_per_chunk(rows);
+    const int64_t chunks = rows == 0 ? 0 : (rows + per - 1) / per;
+    std::vector<A> part(size_t(chunks) * size_t(hidden));
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
+      bwd_chunk(static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
+                static_cast<const T*>(w), static_cast<const A*>(rstd), static_cast<T*>(dx),
+                part.data() + c * hidden, r0, r1, hidden);
+    }
+    T* dwp = static_cast<T*>(dw);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < hidden; ++i) {
+      A s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += part[size_t(c) * hidden + i];
+      dwp[i] = from_acc<T>(s);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace instella

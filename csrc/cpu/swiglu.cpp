@@ -1,0 +1,91 @@
+// SwiGLU on Megatron's fc1 output [..., 2F] = [gate | up]: y = silu(gate) * up, computed in Acc
+// (the sigmoid of fp32 values in double) and rounded once to the input dtype.
+#include <math.h>
+#include <omp.h>
+
+#include "cpu_common.h"
+#include "instella_kernels/math.h"
+#include "kernels.h"
+
+namespace instella {
+namespace cpu {
+namespace {
+
+template <class T>
+INSTELLA_INLINE void fwd_rows(const T* x, int64_t xs, T* y, int64_t f, int64_t r0, int64_t r1) {
+  using A = typename Acc<T>::type;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = x + r * xs;
+    const T* u = g + f;
+    T* yr = y + r * f;
+#pragma omp simd
+    for (int64_t i = 0; i < f; ++i) {
+      const A gv = to_acc(g[i]);
+      yr[i] = from_acc<T>(A(double(gv) * sigmoid_acc(gv)) * to_acc(u[i]));
+    }
+  }
+}
+
+template <class T>
+INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, T* dx, int64_t f,
+                              int64_t r0, int64_t r1) {
+  using A = typename Acc<T>::type;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = x + r * xs;
+    const T* u = g + f;
+    const T* gy = dy + r * dys;
+    T* dg = dx + r * 2 * f;
+    T* du = dg + f;
+#pragma omp simd
+    for (int64_t i = 0; i < f; ++i) {
+      const A gv = to_acc(g[i]), uv = to_acc(u[i]), dyv = to_acc(gy[i]);
+      const double s = sigmoid_acc(gv);
+      const A silu = A(double(gv) * s);
+      const A dsilu = A(s * (1.0 + double(gv) * (1.0 - s)));
+      dg[i] = from_acc<T>(dyv * uv * dsilu);
+      du[i] = from_acc<T>(dyv * silu);
+    }
+  }
+}
+
+#define INSTELLA_SWIGLU_WORKERS(T)                                                                \
+  INSTELLA_CLONES void fwd_chunk(const T* x, int64_t xs, T* y, int64_t f, int64_t r0, int64_t r1) { \
+    fwd_rows<T>(x, xs, y, f, r0, r1);                                                             \
+  }                                                                                               \
+  INSTELLA_CLONES void bwd_chunk(const T* dy, int64_t dys, const T* x, int64_t xs, T* dx,        \
+                                 int64_t f, int64_t r0, int64_t r1) {                             \
+    bwd_rows<T>(dy, dys, x, xs, dx, f, r0, r1);                                                   \
+  }
+INSTELLA_SWIGLU_WORKERS(float)
+INSTELLA_SWIGLU_WORKERS(double)
+INSTELLA_SWIGLU_WORKERS(bf16)
+
+}  // namespace
+
+void swiglu_fwd(DType dt, const void* x, int64_t x_stride, void* y, int64_t rows, int64_t f) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t step = 8;
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      fwd_chunk(static_cast<const T*>(x), x_stride, static_cast<T*>(y), f, r0,
+                r0 + step < rows ? r0 + step : rows);
+    }
+  });
+}
+
+void swiglu_bwd(DType dt, const void* dy, int64_t dy_stride, const void* x, int64_t x_stride,
+                void* dx, int64_t rows, int64_t f) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t step = 8;
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      bwd_chunk(static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
+                static_cast<T*>(dx), f, r0, r0 + step < rows ? r0 + step : rows);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace instella
