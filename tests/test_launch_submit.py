@@ -63,7 +63,7 @@ def test_dry_run_writes_a_clean_script(tmp_path, slurm_stub, capsys):
                  "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --context-parallel-size 1",
                  "--micro-batch-size 2", "--global-batch-size 8", "--seed 77", "--train-iters 20",
                  "--exit-signal-handler", f"--pretrained-checkpoint {tmp_path}/init --log-interval 1",
-                 "export GLOO_SOCKET_IFNAME=lo", "--platform cpu --format export", 'trap "" USR1']:
+                 "export GLOO_SOCKET_IFNAME=lo", "--platform cpu --format export)", 'eval "$PRESET"', 'trap "" USR1']:
         assert line in text, line
     assert "--gpus-per-node" not in text  # CPU profile asks Slurm for no GPUs
     subprocess.run(["bash", "-n", str(script)], check=True)

@@ -77,7 +77,8 @@ def _software(spec):
     lines.append("")
     lines.append("# --- launch environment: profile env, then the platform presets (values already set win)")
     lines += [f"export {k}={q(v)}" for k, v in p.env.items()]
-    lines.append(f'eval "$("$PYTHON" -m instella_plugin.launch.env --platform {spec.platform} --format export)"')
+    lines.append(f'PRESET=$("$PYTHON" -m instella_plugin.launch.env --platform {spec.platform} --format export)')
+    lines.append('eval "$PRESET"')
     lines.append(f'"$PYTHON" -m instella_plugin.launch.env --platform {spec.platform} --format table')
     return lines
 

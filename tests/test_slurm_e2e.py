@@ -1,0 +1,151 @@
+"""End to end on a real Slurm: a single-node cluster (munged, slurmctld, slurmd from Debian's slurm-wlm
+and munge) started on this machine for the module and stopped by pid at the end.
+
+1. The signal path: a job written by ``instella submit`` gets USR1 (as ``--signal=USR1@secs`` delivers
+   it); torchrun must survive it and every rank must see it, so the job ends COMPLETED.
+2. The tiny CPU recipe through ``instella submit`` (2 ranks via srun + torchrun, gloo): the job
+   succeeds, the loss falls, a checkpoint exists; resubmitting resumes from it; then the three-seed
+   array and the merge job that depends on it.
+Skipped, with the reason, where the Slurm binaries are not installed (.ci/run installs them).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import SlurmCluster, missing_reason  # noqa: E402
+
+from instella_plugin.launch import jobscript, submit  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+def env_for(cluster):
+    return {**cluster.env(), "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+
+def submit_cli(cluster, *args):
+    res = subprocess.run([sys.executable, "-m", "instella_plugin.cli", "submit", *args], env=env_for(cluster),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    jobs = re.findall(r"submitted (?:training|merge) job (\d+)", res.stdout)
+    return res.stdout, jobs
+
+
+def assert_completed(cluster, jobs, timeout, logs):
+    states = cluster.wait_jobs(jobs, timeout)
+    bad = {k: (v.get("JobState"), v.get("ExitCode")) for k, v in states.items()
+           if v.get("JobState") != "COMPLETED" or v.get("ExitCode") != "0:0"}
+    if bad:
+        text = "\n".join(f"== {f}\n" + f.read_text()[-3000:] for f in sorted(Path(logs).glob("*.out")))
+        pytest.fail(f"jobs did not complete: {bad}\n{text}")
+    return states
+
+
+STUB_TRAINER = '''
+import argparse, os, signal, sys, time
+p = argparse.ArgumentParser(); p.add_argument("--save"); a, _ = p.parse_known_args()
+rank = int(os.environ["RANK"]); got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+open(os.path.join(a.save, f"started.{rank}"), "w").write(str(os.getppid()))
+for _ in range(1200):
+    if got:
+        time.sleep(2)  # a checkpoint save takes a while: torchrun must not die meanwhile
+        open(os.path.join(a.save, f"saved.{rank}"), "w").write("ok")
+        sys.exit(0)
+    time.sleep(0.1)
+sys.exit(3)
+'''
+
+
+def test_usr1_reaches_the_ranks_and_torchrun_survives(cluster, tmp_path):
+    stub = tmp_path / "stub_trainer.py"
+    stub.write_text(STUB_TRAINER)
+    args = submit.argparse.ArgumentParser()
+    submit.add_arguments(args)
+    spec, _ = submit.plan(args.parse_args(["--recipe", "tiny-cpu", "--profile", "local-cpu", "--blend", "tiny",
+                                           "--set", f"output_root={tmp_path}", "--run-name", "sig"]))
+    spec.entry = [str(stub)]
+    script = tmp_path / "sig.sbatch"
+    script.write_text(jobscript.render_train_script(spec))
+    (tmp_path / "sig/logs").mkdir(parents=True)
+    jid = subprocess.run(["sbatch", "--parsable", str(script)], env=env_for(cluster), capture_output=True,
+                         text=True, check=True).stdout.strip()
+    ckpt = tmp_path / "sig/checkpoints"
+    deadline = time.time() + 120
+    while not all((ckpt / f"started.{r}").exists() for r in (0, 1)):
+        assert time.time() < deadline, cluster.job_state(jid)
+        time.sleep(0.5)
+    # What --signal=USR1@secs does at the warning time: USR1 to every process of the job steps.
+    subprocess.run(["scancel", "--signal=USR1", jid], env=env_for(cluster), check=True)
+    assert_completed(cluster, [jid], 120, tmp_path / "sig/logs")
+    assert all((ckpt / f"saved.{r}").read_text() == "ok" for r in (0, 1))
+
+
+def _losses(path):
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [(r["iteration"], r["loss"]) for r in rows]
+
+
+def test_tiny_cpu_recipe_train_resume_then_seed_array_and_merge(cluster, tmp_path):
+    if not (ROOT / "pretrain_gpt.py").exists():
+        pytest.fail("pretrain_gpt.py is not at the repository root: the trainer this test submits is missing")
+    from instella_plugin.data.demo_corpus import build_demo_corpus
+    data_root = build_demo_corpus(str(tmp_path / "data"), num_docs=400, num_chats=16)
+    common = ["--recipe", "tiny-cpu", "--profile", "local-cpu", "--blend", "tiny",
+              "--set", f"output_root={tmp_path}/runs", "--set", f"data_root={data_root}"]
+
+    # 1. train from scratch: 2 ranks through srun + torchrun
+    out, [jid] = submit_cli(cluster, *common, "--run-name", "tiny", "--train-iters", "30", "--",
+                            "--log-interval", "1")
+    assert "starts from scratch" in out
+    run = tmp_path / "runs/tiny"
+    assert_completed(cluster, [jid], 240, run / "logs")
+    ckpt = run / "checkpoints"
+    assert (ckpt / TRACKER).read_text().strip() == "30"
+    assert any(p.name.startswith("iter_") for p in ckpt.iterdir()), sorted(os.listdir(ckpt))
+    losses = _losses(ckpt / "train_log.jsonl")
+    first, last = [x[1] for x in losses[:5]], [x[1] for x in losses[-5:]]
+    assert sum(last) / 5 < 0.8 * sum(first) / 5, losses
+    log = (run / "logs" / f"instella-tiny-{jid}.out").read_text()
+    assert "launch environment for platform cpu" in log and "iteration" in log
+
+    # 2. resubmit the same run with a longer schedule: it resumes from iteration 30
+    out, [jid2] = submit_cli(cluster, *common, "--run-name", "tiny", "--train-iters", "40", "--",
+                             "--log-interval", "1")
+    assert f"{ckpt}: resumes from iteration 30" in out
+    assert_completed(cluster, [jid2], 240, run / "logs")
+    assert (ckpt / TRACKER).read_text().strip() == "40"
+    assert "resuming from iteration 30" in (run / "logs" / f"instella-tiny-{jid2}.out").read_text()
+    second = [it for it, _ in _losses(ckpt / "train_log.jsonl")][len(losses):]
+    assert second and min(second) == 31 and max(second) == 40, second
+
+    # 3. three-seed array, then the merge job that waits for all three
+    out, (arr, merge) = submit_cli(cluster, *common, "--run-name", "seeds", "--seeds", "5796", "6198", "8915",
+                                   "--train-iters", "4")
+    seeds_run = tmp_path / "runs/seeds"
+    assert_completed(cluster, [arr, merge], 420, seeds_run / "logs")
+    for seed in (5796, 6198, 8915):
+        assert (seeds_run / f"seed_{seed}/checkpoints" / TRACKER).read_text().strip() == "4"
+    assert (seeds_run / "merged").is_dir() and any((seeds_run / "merged").iterdir())
+    dep = cluster.job_state(merge)[0]
+    assert dep.get("JobState") == "COMPLETED"
