@@ -101,6 +101,68 @@ def test_usr1_reaches_the_ranks_and_torchrun_survives(cluster, tmp_path):
     assert all((ckpt / f"saved.{r}").read_text() == "ok" for r in (0, 1))
 
 
+SEED_STUB = """
+import argparse, json, os, sys
+p = argparse.ArgumentParser(); p.add_argument("--save"); p.add_argument("--seed"); a, _ = p.parse_known_args()
+tracker = os.path.join(a.save, "latest_checkpointed_iteration.txt")
+start = int(open(tracker).read()) if os.path.exists(tracker) else 0
+if os.environ["RANK"] == "0":
+    with open(os.path.join(a.save, "starts.txt"), "a") as f:
+        f.write(f"{start}\\n")
+    if a.seed == os.environ.get("FAIL_SEED"):
+        sys.exit(1)
+    open(tracker, "w").write(str(start + 4))
+"""
+MERGE_STUB = """
+import argparse, json, os
+p = argparse.ArgumentParser(); p.add_argument("--inputs", nargs="+"); p.add_argument("--output"); a = p.parse_args()
+os.makedirs(a.output, exist_ok=True)
+json.dump(a.inputs, open(os.path.join(a.output, "inputs.json"), "w"))
+"""
+
+
+def test_merge_runs_only_after_every_seed_succeeded(cluster, tmp_path, monkeypatch):
+    """Array + afterok merge with stand-ins for the trainer and merge: one failing seed cancels the
+    merge; resubmitting the run resumes the seeds and the merge then runs on all three."""
+    (tmp_path / "seed.py").write_text(SEED_STUB)
+    (tmp_path / "merge.py").write_text(MERGE_STUB)
+    real_plan, real_merge = submit.plan, jobscript.render_merge_script
+
+    def plan(args):
+        spec, merge_dir = real_plan(args)
+        spec.entry = [str(tmp_path / "seed.py")]
+        return spec, merge_dir
+
+    monkeypatch.setattr(submit, "plan", plan)
+    monkeypatch.setattr(jobscript, "render_merge_script", lambda spec, d: real_merge(spec, d).replace(
+        "-m instella_plugin.cli merge", str(tmp_path / "merge.py")))
+    for k, v in env_for(cluster).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FAIL_SEED", "6198")
+    argv = ["--recipe", "stage2", "--profile", "local-cpu", "--blend", "tiny", "--set", f"output_root={tmp_path}",
+            "--run-name", "s2", "--seeds", "5796", "6198", "8915"]
+    run = tmp_path / "s2"
+
+    def submit_and_wait():
+        assert submit.main(argv) == 0
+        jobs = json.loads((run / "submit/submissions.jsonl").read_text().splitlines()[-1])["jobs"]
+        states = cluster.wait_jobs([jobs["train"], jobs["merge"]], 300)
+        return {k: v["JobState"] for k, v in states.items()}, jobs
+
+    states, jobs = submit_and_wait()
+    seeds = [s for k, s in states.items() if not k.startswith(jobs["merge"])]
+    assert sorted(seeds) == ["COMPLETED", "COMPLETED", "FAILED"], states
+    assert states[jobs["merge"]] == "CANCELLED" and not (run / "merged").exists()
+
+    monkeypatch.delenv("FAIL_SEED")
+    states, jobs = submit_and_wait()
+    assert set(states.values()) == {"COMPLETED"}, states
+    starts = {s: (run / f"seed_{s}/checkpoints/starts.txt").read_text().split() for s in (5796, 6198, 8915)}
+    assert starts == {5796: ["0", "4"], 6198: ["0", "0"], 8915: ["0", "4"]}  # resumed where they had saved
+    merged = json.loads((run / "merged/inputs.json").read_text())
+    assert merged == [str(run / f"seed_{s}/checkpoints") for s in (5796, 6198, 8915)]
+
+
 def _losses(path):
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [(r["iteration"], r["loss"]) for r in rows]
