@@ -47,7 +47,7 @@ def calls(tmp_path):
 
 
 def test_dry_run_writes_a_clean_script(tmp_path, slurm_stub, capsys):
-    rc = cli(tmp_path, "--run-name", "r1", "--micro-batch-size", "2", "--global-batch-size", "8",
+    rc = cli(tmp_path, "--run-name", "r1", "--tp", "1", "--pp", "1", "--micro-batch-size", "2", "--global-batch-size", "8",
              "--train-iters", "20", "--seeds", "77", "--init-from", str(tmp_path / "init"), "--dry-run",
              "--", "--log-interval", "1")
     out = capsys.readouterr().out
@@ -157,3 +157,18 @@ def test_local_runs_the_same_script_and_resumes(tmp_path, monkeypatch, capsys):
     assert len(re.findall(r"resuming from iteration 5 in", out)) == 2
     assert "TOKENIZERS_PARALLELISM=false" in out and "local run finished with exit codes [0, 0]" in out
     assert (tmp_path / "runs/loc/logs/local-train-22.out").exists()
+
+
+def test_recipe_defaults_drive_the_layout_and_seeds(tmp_path, capsys):
+    """stage2 on the 16-node MI300X profile: the recipe's batch sizes and its three seeds."""
+    rc = submit.main(["--recipe", "stage2", "--profile", "mi300x-16node", "--set", f"output_root={tmp_path}",
+                      "--set", f"data_root={tmp_path}", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "128 ranks = TP 1 x PP 1 x CP 1 x DP 128; global batch 1024 = micro 4 x DP 128 x 2" in out
+    text = (tmp_path / "stage2/submit/train_seeds.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in text and "SEEDS=(5796 6198 8915)" in text
+    assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --nodes=16" in text and "#SBATCH --exclusive" in text
+    assert "--data-blend stage2" in text and "--platform rocm --format export" in text
+    assert "--train-iters" not in text  # the recipe's own schedule stays in charge
+    assert (tmp_path / "stage2/submit/merge.sbatch").exists()

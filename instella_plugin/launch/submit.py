@@ -81,7 +81,7 @@ def plan(args):
         entry = [str(PACKAGE_PARENT / "pretrain_gpt.py"), "--plugin", "instella"]
     spec = jobscript.JobSpec(run_name=run_name, run_dir=os.path.join(profile.output_root, run_name),
                              recipe=args.recipe, blend=blend, profile=profile, layout=layout,
-                             platform=platform, seeds=list(seeds), train_iters=pick("train_iters"),
+                             platform=platform, seeds=list(seeds), train_iters=args.train_iters,
                              extra_args=extra, instella_home=home, entry=entry)
     merge_dir = os.path.join(spec.run_dir, "merged") if spec.is_array and not args.no_merge else None
     return spec, merge_dir
