@@ -69,12 +69,3 @@ def test_rms_norm_bf16_bitwise_equals_olmoe():
     other = (w.float() * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5))).to(x.dtype)
     assert not torch.equal(other, ref(x))
 
-
-PLUGIN_SPEC = textwrap.dedent('''
-    from instella_plugin.model.specs import instella_local_spec
-
-    def my_spec(config, vp_stage=None):
-        spec = instella_local_spec(config, vp_stage)
-        spec.layer_specs[0].submodules.self_attention.params["marker"] = None
-        return spec
-''')

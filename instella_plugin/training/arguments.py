@@ -1,0 +1,204 @@
+"""Command-line arguments with Megatron-LM's flag names, plus the plugin's own.
+
+``parse_args(argv)`` reads ``--plugin`` first, loads the plugin (it adds its flags and may fill
+defaults from a recipe), parses everything, records which flags were given explicitly (recipes never
+override those), and validates the layout before anything expensive starts.
+"""
+import argparse
+import math
+from typing import Optional, Sequence
+
+from instella_plugin.training.plugins import load_plugin
+
+
+def _model_args(p):
+    g = p.add_argument_group("model (Megatron-LM names)")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute", "none"])
+    g.add_argument("--rotary-base", type=float)
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--vocab-size", type=int)
+    g.add_argument("--padded-vocab-size", type=int)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--spec", nargs="+", help="layer spec name (or Megatron-LM's MODULE ATTR)")
+    g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
+
+
+def _parallel_args(p):
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", default="a2a", choices=["a2a", "p2p", "all_gather", "a2a+p2p"])
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA/ROCm when a GPU exists, else the CPU mode with gloo")
+
+
+def _training_args(p):
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--exit-interval", type=int)
+    g.add_argument("--exit-duration-in-mins", type=float)
+    g.add_argument("--exit-signal-handler", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--recompute-method", choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--decoupled-weight-decay-exempt-1d", dest="wd_exempt_1d", action="store_true",
+                   help="Megatron's default: no weight decay on biases and 1-D params (Instella decays everything)")
+
+
+def _checkpoint_args(p):
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration, optimizer, scheduler")
+    g.add_argument("--reset-iteration", action="store_true",
+                   help="load weights and optimizer state (Adam's step count included), reset iteration, "
+                        "consumed samples and the LR scheduler (Instella stage 2, long phase 2)")
+    g.add_argument("--use-checkpoint-args", action="store_true")
+    g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"])
+
+
+def _data_args(p):
+    g = p.add_argument_group("data and logging")
+    g.add_argument("--data-path", nargs="*")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--per-split-data-args-path")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer", choices=["HuggingFaceTokenizer", "NullTokenizer"])
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--eval-interval", type=int)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--wandb-project")
+    g.add_argument("--wandb-exp-name")
+    g.add_argument("--wandb-save-dir")
+    g.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG at the end of a run")
+
+
+def build_parser(plugin=None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain_gpt.py", description="Megatron-Core GPT pre-training with plugins",
+                                allow_abbrev=False)
+    p.add_argument("--plugin", help="a plugin from the 'megatron_plugins' entry-point group (e.g. instella)")
+    for add in (_model_args, _parallel_args, _training_args, _checkpoint_args, _data_args):
+        add(p)
+    if plugin is not None:
+        plugin.add_arguments(p)
+    return p
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """Destinations of the flags given on the command line (so recipes fill only the rest)."""
+    shadow = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+        if action.nargs == 0:
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
+        else:
+            kwargs["nargs"] = action.nargs
+        shadow.add_argument(*action.option_strings, **kwargs)
+    ns, _ = shadow.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--plugin")
+    known, _ = pre.parse_known_args(argv)
+    plugin = load_plugin(known.plugin)
+    parser = build_parser(plugin)
+    args = parser.parse_args(argv)
+    args.explicit = explicit_dests(parser, argv)
+    plugin.finalize_args(args)
+    validate_args(args)
+    return args, plugin
+
+
+def validate_args(args) -> None:
+    """Checks that need no model or data: fail here, before anything is launched or built."""
+    import torch
+
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if world % (tp * pp * cp):
+        raise SystemExit(f"error: world size {world} is not divisible by TP {tp} x PP {pp} x CP {cp}")
+    args.data_parallel_size = world // (tp * pp * cp)
+    if args.train_iters is None:
+        raise SystemExit("error: --train-iters is required (or a recipe that sets it)")
+    if args.lr is None:
+        raise SystemExit("error: --lr is required (or a recipe that sets it)")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
+        raise SystemExit(f"error: --global-batch-size {args.global_batch_size} is not divisible by "
+                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
+                         f"{args.data_parallel_size}; pick a global batch that is a multiple of "
+                         f"{args.micro_batch_size * args.data_parallel_size}")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    args.virtual_pipeline_size = None
+    if args.num_layers_per_virtual_pipeline_stage:
+        if pp < 2:
+            raise SystemExit("error: --num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        per_stage = args.num_layers // pp
+        if per_stage % args.num_layers_per_virtual_pipeline_stage:
+            raise SystemExit(f"error: {per_stage} layers per pipeline stage do not split into virtual stages of "
+                             f"{args.num_layers_per_virtual_pipeline_stage}")
+        args.virtual_pipeline_size = per_stage // args.num_layers_per_virtual_pipeline_stage
+        if args.num_microbatches % pp:
+            raise SystemExit(f"error: the interleaved schedule needs the number of micro-batches "
+                             f"({args.num_microbatches}) to be a multiple of PP {pp}")
+    if args.lr_warmup_fraction is not None:
+        args.lr_warmup_iters = int(math.ceil(args.lr_warmup_fraction * args.train_iters))
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False
+    if args.load and args.save and args.load == args.save:
+        pass  # the auto-resume idiom: an empty directory starts from scratch (checkpointing.py)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu or auto")
+    if not (args.mock_data or args.data_path or args.per_split_data_args_path or getattr(args, "has_plugin_data", False)):
+        raise SystemExit("error: no training data: pass --data-path, --per-split-data-args-path or --mock-data")

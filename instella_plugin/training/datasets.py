@@ -1,0 +1,116 @@
+"""Datasets for the loop: megatron's blended GPT datasets (or mock data), SFT stores, and batching.
+
+Every dataset returns dict samples (``tokens``, ``labels``, ``loss_mask``, ``position_ids``). Batches
+follow Megatron-LM's pretraining sampler: global batch ``k`` holds samples
+``[k*G, (k+1)*G)``; micro-batch ``j`` of data-parallel rank ``d`` is the slice starting at
+``k*G + (j*DP + d)*m``. So the data a step sees depends only on the consumed-sample count (exact
+resume) and DP=2 sees the same global batch as DP=1.
+"""
+import json
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _split_blend(values: Sequence[str]):
+    """Megatron-LM's ``--data-path`` list: ``P1 P2`` or ``W1 P1 W2 P2``."""
+    values = list(values)
+    try:
+        weights = [float(v) for v in values[0::2]]
+        return values[1::2], weights
+    except ValueError:
+        return values, None
+
+
+def _check_prefixes(prefixes: List[str]) -> None:
+    missing = [p for p in prefixes if not (os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx"))]
+    if missing:
+        raise SystemExit("error: data files not found (each prefix needs PREFIX.bin and PREFIX.idx):\n  "
+                         + "\n  ".join(missing) + "\nprepare them with `instella data prepare`")
+
+
+def dataset_sizes(args) -> List[int]:
+    eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
+    return [args.train_iters * args.global_batch_size, eval_runs * args.eval_iters * args.global_batch_size,
+            args.eval_iters * args.global_batch_size]
+
+
+def blend_per_split_from_args(args):
+    """(blend, blend_per_split) from --data-path / --per-split-data-args-path / a plugin's blend."""
+    if getattr(args, "blend_per_split", None) is not None:
+        per_split = args.blend_per_split
+    elif args.per_split_data_args_path:
+        with open(args.per_split_data_args_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        per_split = [_split_blend(raw[s]) if raw.get(s) else None for s in ("train", "valid", "test")]
+    elif args.data_path:
+        return _split_blend(args.data_path), None
+    else:
+        return None, None
+    return None, per_split
+
+
+def build_gpt_datasets(args, cfg, num_samples):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    from instella_plugin.data.tokenizer import DatasetTokenizerInfo
+
+    blend, per_split = blend_per_split_from_args(args)
+    for b in ([blend] if blend else []) + [b for b in (per_split or []) if b]:
+        _check_prefixes(b[0])
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=cfg.seq_length, blend=blend, blend_per_split=per_split,
+        split=args.split if blend else None, path_to_cache=args.data_cache_path,
+        tokenizer=DatasetTokenizerInfo(vocab_size=cfg.vocab_size), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        mid_level_dataset_surplus=0.05)
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    sizes = [n if n > 0 else None for n in num_samples]
+    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+
+
+class WeightedSamples:
+    """Deterministic weighted interleaving of map-style datasets (megatron's blending helper)."""
+
+    def __init__(self, datasets: list, weights: Optional[List[float]], size: int):
+        from megatron.core.datasets import helpers
+
+        weights = np.asarray(weights or [len(d) for d in datasets], dtype=np.float64)
+        weights = weights / weights.sum()
+        self.datasets = datasets
+        self.dataset_index = np.zeros(size, dtype=np.int16)
+        self.sample_index = np.zeros(size, dtype=np.int64)
+        helpers.build_blending_indices(self.dataset_index, self.sample_index, weights, len(datasets), size, False)
+
+    def __len__(self):
+        return len(self.dataset_index)
+
+    def __getitem__(self, i):
+        d = self.datasets[self.dataset_index[i]]
+        return d[int(self.sample_index[i]) % len(d)]
+
+
+def to_torch_batch(samples: List[dict]) -> dict:
+    batch = {}
+    for key in ("tokens", "labels", "position_ids"):
+        batch[key] = torch.stack([torch.as_tensor(np.asarray(s[key]), dtype=torch.long) for s in samples])
+    batch["loss_mask"] = torch.stack([torch.as_tensor(np.asarray(s["loss_mask"]), dtype=torch.float32) for s in samples])
+    return batch
+
+
+def microbatches(dataset, consumed: int, *, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 device) -> List[dict]:
+    """This DP rank's micro-batches of the global batch that starts at sample ``consumed``."""
+    if dataset is None:
+        raise SystemExit("error: no dataset for this split")
+    num_micro = global_batch // (micro_batch * dp_size)
+    out = []
+    for j in range(num_micro):
+        start = consumed + (j * dp_size + dp_rank) * micro_batch
+        idx = [(start + i) % len(dataset) for i in range(micro_batch)]
+        batch = to_torch_batch([dataset[i] for i in idx])
+        out.append({k: v.to(device) for k, v in batch.items()})
+    return out
