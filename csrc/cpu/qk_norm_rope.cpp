@@ -18,14 +18,13 @@ namespace cpu {
 namespace {
 
 template <class T>
-INSTELLA_INLINE typename Acc<T>::type row_sumsq(const T* xr, const QKShape& sh) {
-  using A = typename Acc<T>::type;
-  A ss = 0;
+INSTELLA_INLINE double row_sumsq(const T* xr, const QKShape& sh) {
+  double ss = 0;  // reductions in double: exact to fp32 for any width
   for (int64_t h = 0; h < sh.heads; ++h) {
     const T* xh = xr + h * sh.stride_h;
 #pragma omp simd reduction(+ : ss)
     for (int64_t d = 0; d < sh.head_dim; ++d) {
-      const A v = to_acc(xh[d]);
+      const double v = to_acc(xh[d]);
       ss += v * v;
     }
   }
@@ -54,8 +53,8 @@ INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename
       cur_s = is;
     }
     const T* xr = x + is * sh.stride_s + ib * sh.stride_b;
-    const A ss = ss_in ? ss_in[r] : row_sumsq<T>(xr, sh);
-    const A inv = A(1) / sqrt(ss / A(full_width) + A(eps));
+    const double ss = ss_in ? double(ss_in[r]) : row_sumsq<T>(xr, sh);
+    const A inv = A(1.0 / sqrt(ss / double(full_width) + eps));
     rstd[r] = inv;
     T* yr = y + r * width;
     for (int64_t h = 0; h < sh.heads; ++h) {
@@ -96,7 +95,7 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
     const T* xr = x + is * sh.stride_s + ib * sh.stride_b;
     const T* gr = dy + is * gsh.stride_s + ib * gsh.stride_b;
     const A inv = rstd[r];
-    A dot = 0;  // sum over the row of dn * x
+    double dot = 0;  // sum over the row of dn * x
     for (int64_t h = 0; h < sh.heads; ++h) {
       const T* xh = xr + h * sh.stride_h;
       const T* gh = gr + h * gsh.stride_h;
@@ -114,13 +113,13 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
         const A n1 = u1 * to_acc(wh[d]), n2 = u2 * to_acc(wh[d + half]);
         dnh[d] = n1;
         dnh[d + half] = n2;
-        dot += n1 * x1 + n2 * x2;
+        dot += double(n1) * double(x1) + double(n2) * double(x2);
       }
     }
-    const A c = inv * inv * inv * dot / A(full_width);
+    const A c = A(double(inv) * inv * inv * dot / double(full_width));
     T* dxr = dx + r * width;
     if (split) {
-      dss[r] = A(-0.5) * c;
+      dss[r] = A(-0.5 * double(inv) * inv * inv * dot / double(full_width));
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) dxr[i] = from_acc<T>(inv * dn[i]);
     } else {
@@ -139,7 +138,7 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
   INSTELLA_CLONES void sumsq_chunk(const T* x, QKShape sh, Acc<T>::type* ss, int64_t r0,          \
                                    int64_t r1) {                                                    \
     for (int64_t r = r0; r < r1; ++r)                                                               \
-      ss[r] = row_sumsq<T>(x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b, sh);          \
+      ss[r] = Acc<T>::type(row_sumsq<T>(x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b, sh));        \
   }                                                                                                 \
   INSTELLA_CLONES void fwd_chunk(const T* x, QKShape sh, const T* w, const Acc<T>::type* freqs,   \
                                  const Acc<T>::type* ss, int64_t fw, double eps, T* y,              \

@@ -1,0 +1,214 @@
+"""Benchmark the fused kernels against PyTorch eager and torch.compile of the same reference.
+
+For each kernel (RMSNorm, full-width QK-norm + RoPE, SwiGLU), dtype and Instella shape it times the
+forward and the forward+backward of: the fused op, the eager PyTorch reference (what the ``instella``
+spec runs), and ``torch.compile`` of that reference, all in this run. It prints time, effective GB/s
+(minimum bytes each pass must move), the fused speed-up over each baseline, and the fraction of this
+machine's copy bandwidth (``dst.copy_(src)`` on a tensor larger than the last-level cache, measured
+here too). Results are appended to bench/results/kernels.json and plotted to bench/results/kernels.png.
+
+    python bench/bench_kernels.py                 # full: 4096 and 16384 tokens, fp32 and bf16
+    python bench/bench_kernels.py --quick         # 4096 tokens, fp32 only
+    python bench/bench_kernels.py --device cuda   # same table on a GPU (used by tests/gpu/check_kernels.py)
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+# PyTorch's CPU allocator hands each large tensor fresh pages from mmap, and page-faulting them in
+# costs more than the kernels themselves; THP_MEM_ALLOC_ENABLE=1 (a PyTorch switch) backs large
+# allocations with transparent huge pages. It is set (unless --default-alloc) before torch loads,
+# for the fused op and both baselines alike.
+if "--default-alloc" not in sys.argv:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+
+from instella_plugin import kernels as K
+
+HIDDEN, HEADS, HEAD_DIM, FFN = 2560, 32, 80, 6912
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ---- the references (what the unfused `instella` spec computes) ------------------------------------
+def rms_ref(x, w, eps=1e-5):
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def qk_rope_ref(x, w, freqs, eps=1e-5):
+    s, b, h, d = x.shape
+    x32 = x.float().reshape(s, b, h * d)
+    n = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = (w * n).float().reshape(s, b, h, d)
+    cos, sin = torch.cos(freqs), torch.sin(freqs)
+    y1, y2 = y.chunk(2, dim=-1)
+    return (y * cos + torch.cat((-y2, y1), dim=-1) * sin).to(x.dtype)
+
+
+def swiglu_ref(x):
+    g, u = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes=256 << 20):
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), device, reps=10)
+    return 2 * nbytes / t / 1e9
+
+
+def cases(device, dtype, tokens):
+    """(kernel, fused fn, reference fn, args, bytes fwd, bytes fwd+bwd)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    e = torch.finfo(dtype).bits // 8
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    x, w = rnd(tokens, HIDDEN), 1 + 0.1 * rnd(HIDDEN)
+    q = rnd(tokens, 1, HEADS, HEAD_DIM)
+    inv = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
+    f = torch.outer(torch.arange(tokens, dtype=torch.float32), inv)
+    freqs = torch.cat((f, f), dim=-1).reshape(tokens, 1, 1, HEAD_DIM).to(device)
+    h = rnd(tokens, 2 * FFN)
+    n, nf = tokens * HIDDEN, tokens * FFN
+    return [
+        ("rms_norm", lambda a, b: K.rms_norm(a, b), rms_ref, (x, w), 2 * n * e, 5 * n * e),
+        ("qk_norm_rope", lambda a, b: K.qk_norm_rope(a, b, freqs), lambda a, b: qk_rope_ref(a, b, freqs),
+         (q, w), 2 * n * e, 5 * n * e),
+        ("swiglu", K.swiglu, swiglu_ref, (h,), 3 * nf * e, 8 * nf * e),
+    ]
+
+
+def run_case(fn, args, bwd, device, reps):
+    if not bwd:
+        with torch.no_grad():
+            return timed(lambda: fn(*args), device, reps)
+    leaves = [a.detach().requires_grad_(True) for a in args]
+    dy = torch.randn_like(fn(*leaves))
+
+    def step():
+        torch.autograd.grad(fn(*leaves), leaves, dy)
+    return timed(step, device, reps)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="4096 tokens, float32 only")
+    p.add_argument("--tokens", type=int, nargs="*", default=None)
+    p.add_argument("--dtypes", nargs="*", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--out", default=os.path.join(RESULTS, "kernels.json"))
+    p.add_argument("--label", default=None, help="label of this run in the results file")
+    p.add_argument("--default-alloc", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset")
+    a = p.parse_args(argv)
+    tokens = a.tokens or ([4096] if a.quick else [4096, 16384])
+    dtypes = a.dtypes or (["float32"] if a.quick else ["float32", "bfloat16"])
+    dev = a.device
+    copy_gbs = copy_bandwidth(dev)
+    alloc = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    print(f"device {dev}, backend {K.backend(dev)}, threads {torch.get_num_threads()}, "
+          f"copy bandwidth {copy_gbs:.1f} GB/s, THP_MEM_ALLOC_ENABLE={alloc}")
+    hdr = (f"{'kernel':13s} {'dtype':8s} {'tokens':>6s} {'pass':7s} {'fused ms':>9s} {'GB/s':>7s} "
+           f"{'%copy':>6s} {'eager ms':>9s} {'x eager':>8s} {'compile ms':>10s} {'x compile':>9s}")
+    print(hdr)
+    rows = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for t in tokens:
+            for name, fused, ref, args, b_fwd, b_all in cases(dev, dtype, t):
+                compiled = None if a.no_compile else torch.compile(ref, dynamic=False)
+                for bwd in (False, True):
+                    tf = run_case(fused, args, bwd, dev, a.reps)
+                    te = run_case(ref, args, bwd, dev, a.reps)
+                    tc = run_case(compiled, args, bwd, dev, a.reps) if compiled else float("nan")
+                    gbs = (b_all if bwd else b_fwd) / tf / 1e9
+                    r = dict(kernel=name, dtype=dtype_name, tokens=t, bwd=bwd, fused_ms=tf * 1e3,
+                             eager_ms=te * 1e3, compile_ms=tc * 1e3, gbs=gbs, frac_copy=gbs / copy_gbs,
+                             x_eager=te / tf, x_compile=tc / tf)
+                    rows.append(r)
+                    print(f"{name:13s} {dtype_name:8s} {t:6d} {'fwd+bwd' if bwd else 'fwd':7s} "
+                          f"{r['fused_ms']:9.2f} {gbs:7.1f} {100 * r['frac_copy']:5.0f}% {r['eager_ms']:9.2f} "
+                          f"{r['x_eager']:8.2f} {r['compile_ms']:10.2f} {r['x_compile']:9.2f}", flush=True)
+    record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), label=a.label, device=dev,
+                  device_name=(torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
+                               or platform.machine()),
+                  torch=torch.__version__, threads=torch.get_num_threads(), backend=K.backend(dev),
+                  copy_gbs=copy_gbs, thp_mem_alloc=alloc, rows=rows)
+    append_json(a.out, record)
+    plot(a.out, record, os.path.splitext(a.out)[0] + (".png" if dev == "cpu" else f"_{dev}.png"))
+    return record
+
+
+def append_json(path, record):
+    """Append ``record`` to the JSON list in ``path`` (written atomically)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = []
+    if os.path.exists(path):
+        with open(path) as fh:
+            data = json.load(fh)
+    data.append(record)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
+    print(f"appended to {path}")
+
+
+def plot(path, record, png):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing; no plot", file=sys.stderr)
+        return
+    rows = record["rows"]
+    labels = [f"{r['kernel']}\n{r['dtype']} {r['tokens']}\n{'f+b' if r['bwd'] else 'fwd'}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
+    ax.bar([i - 0.2 for i in xs], [r["x_eager"] for r in rows], 0.4, label="fused vs eager")
+    ax.bar([i + 0.2 for i in xs], [r["x_compile"] for r in rows], 0.4, label="fused vs torch.compile")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=6)
+    ax.set_ylabel("speed-up (baseline time / fused time)")
+    ax.set_title(f"instella fused kernels on {record['device']} ({record['device_name']}), {record['time']}")
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(png)), suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)
+    print(f"plot written to {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Numerics of the fused kernels against an fp64 reference written here, on the CPU path.
+
+For each kernel, dtype (fp32, bf16), odd and Instella shapes, contiguous and strided inputs: the
+error of the fused op (forward and every gradient) must be within 2x the error PyTorch itself makes
+computing the same function in the same precision (plus a floor of a quarter ulp, for cases where
+PyTorch happens to be exact). The same bound holds for the PyTorch fallback. Plus gradcheck in fp64
+and bitwise determinism across runs and thread counts.
+"""
+import pytest
+import torch
+
+from instella_plugin import kernels as K
+from instella_plugin.kernels import fallback as FB
+
+EPS = 1e-5
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+# ---- references: eager PyTorch; the truth is the same code run in float64 ----------------------------
+def rms_ref(x, w):
+    x32 = x.float() if x.dtype != torch.float64 else x
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
+
+def qk_rope_ref(x, w, freqs):
+    s, b, h, d = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc).reshape(s, b, h * d)
+    y = (w * (xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)).to(acc).reshape(s, b, h, d)
+    f = freqs.to(acc)
+    y1, y2 = y.chunk(2, dim=-1)
+    return (y * torch.cos(f) + torch.cat((-y2, y1), dim=-1) * torch.sin(f)).to(x.dtype)
+
+
+def swiglu_ref(x):
+    g, u = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def rope_freqs(s, d, base=10000.0):
+    inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    f = torch.outer(torch.arange(s, dtype=torch.float64) + 1000.0, inv)  # large angles too
+    return torch.cat((f, f), dim=-1).float().reshape(s, 1, 1, d)
+
+
+# ---- cases: (name, fused fn, reference fn, inputs factory) --------------------------------------------
+def strided(t, how):
+    """A non-contiguous tensor equal to t: rows inside a wider buffer, or transposed storage."""
+    if how == "contiguous":
+        return t
+    if how == "wide":
+        buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 7, dtype=t.dtype)
+        buf[..., : t.shape[-1]] = t
+        return buf[..., : t.shape[-1]]
+    return t.transpose(0, 1).contiguous().transpose(0, 1)  # "transposed"
+
+
+def make_inputs(kernel, shape, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    if kernel == "rms_norm":
+        w = (1 + 0.3 * torch.randn(shape[-1], generator=g, dtype=torch.float64)).to(dtype)
+        return [strided(x, layout), w]
+    if kernel == "qk_norm_rope":
+        w = (1 + 0.3 * torch.randn(shape[2] * shape[3], generator=g, dtype=torch.float64)).to(dtype)
+        return [strided(x, layout), w, rope_freqs(shape[0], shape[3])]
+    return [strided(x, layout)]
+
+
+KERNELS = {
+    "rms_norm": (lambda x, w: K.rms_norm(x, w, EPS), rms_ref, [(3, 7, 33), (64, 2560)]),
+    "qk_norm_rope": (lambda x, w, f: K.qk_norm_rope(x, w, f, EPS), qk_rope_ref, [(5, 3, 3, 6), (16, 2, 32, 80)]),
+    "swiglu": (K.swiglu, swiglu_ref, [(3, 5, 34), (16, 2 * 6912)]),
+}
+FALLBACK = {
+    "rms_norm": lambda x, w: FB.rms_norm_fwd(x, w, EPS)[0],
+    "qk_norm_rope": lambda x, w, f: FB.qk_norm_rope_fwd(x, w, f, EPS)[0],
+    "swiglu": FB.swiglu_fwd,
+}
+
+
+def outputs_and_grads(fn, inputs, dy_seed=1):
+    """fn's output and the gradients of <output, dy> w.r.t. every floating input but freqs."""
+    leaves = [t.detach().clone().requires_grad_(i < 2) for i, t in enumerate(inputs)]
+    y = fn(*leaves)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed), dtype=torch.float64)
+    wrt = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(y, wrt, dy.to(y.dtype))
+    return [y] + list(grads)
+
+
+def rel_err(a, truth):
+    return ((a.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
+
+
+def check_against_fp64(kernel, fn, shape, dtype, layout):
+    _, ref, _ = KERNELS[kernel]
+    inputs = make_inputs(kernel, shape, dtype, layout)
+    truth = outputs_and_grads(ref, [t.double() if t.dtype != torch.float32 or i < 2 else t
+                                    for i, t in enumerate(inputs)])
+    torch_own = outputs_and_grads(ref, inputs)
+    ours = outputs_and_grads(fn, inputs)
+    floor = torch.finfo(dtype).eps / 4
+    for what, o, p, t in zip(["output", "grad x", "grad weight"], ours, torch_own, truth):
+        assert o.dtype == p.dtype and o.shape == p.shape
+        e_ours, e_torch = rel_err(o, t), rel_err(p, t)
+        assert e_ours <= 2 * e_torch + floor, (
+            f"{kernel} {dtype} {shape} {layout}: {what} error {e_ours:.3g} vs PyTorch's {e_torch:.3g}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_fused_within_twice_pytorch_error(kernel, dtype):
+    fn, _, shapes = KERNELS[kernel]
+    for shape in shapes:
+        for layout in ("contiguous", "wide", "transposed"):
+            check_against_fp64(kernel, fn, shape, dtype, layout)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_fallback_within_twice_pytorch_error(kernel):
+    _, _, shapes = KERNELS[kernel]
+    for dtype in DTYPES:
+        check_against_fp64(kernel, _with_autograd(kernel), shapes[0], dtype, "wide")
+
+
+def _with_autograd(kernel):
+    """The fallback's forward with the fallback's own backward formulas, as one autograd function."""
+    fwd = {"rms_norm": lambda x, w: FB.rms_norm_fwd(x, w, EPS), "swiglu": lambda x: (FB.swiglu_fwd(x),),
+           "qk_norm_rope": lambda x, w, f: FB.qk_norm_rope_fwd(x, w, f, EPS)}[kernel]
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = fwd(*args)
+            ctx.save_for_backward(*args, *out[1:])
+            return out[0]
+
+        @staticmethod
+        def backward(ctx, dy):
+            saved = ctx.saved_tensors
+            if kernel == "rms_norm":
+                return FB.rms_norm_bwd(dy, *saved)
+            if kernel == "swiglu":
+                return (FB.swiglu_bwd(dy, saved[0]),)
+            x, w, f, rstd = saved
+            dx, dw, _ = FB.qk_norm_rope_bwd(dy, x, w, f, rstd, x.shape[2] * x.shape[3], False)
+            return dx, dw, None
+
+    return Fn.apply
+
+
+def test_gradcheck_fp64():
+    g = torch.Generator().manual_seed(3)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+
+    assert torch.autograd.gradcheck(lambda x, w: K.rms_norm(x, w, EPS), (r(4, 3, 9), r(9)))
+    f = rope_freqs(4, 6).double()
+    assert torch.autograd.gradcheck(lambda x, w: K.qk_norm_rope(x, w, f, EPS), (r(4, 2, 3, 6), r(18)))
+    # The TP split with a one-rank "all-reduce": sum of squares -> apply, gradient through both.
+    assert torch.autograd.gradcheck(lambda x, w: K.qk_norm_rope_tp(x, w, f, 18, lambda t: t, EPS),
+                                    (r(4, 2, 3, 6), r(18)))
+    # A strided q (a slice of a wider qkv tensor), as megatron hands it over.
+    qkv = r(4, 2, 3, 14)
+    assert torch.autograd.gradcheck(lambda t, w: K.qk_norm_rope(t[..., 4:10], w, f, EPS), (qkv, r(18)))
+    assert torch.autograd.gradcheck(K.swiglu, (r(3, 5, 14),))
+
+
+def test_tp_apply_with_full_width_equals_unsplit():
+    x, w, f = make_inputs("qk_norm_rope", (6, 2, 4, 8), torch.float64, "contiguous")
+    ss = K.ops.qk_sumsq(x)
+    assert torch.allclose(ss, x.pow(2).sum((2, 3)), rtol=1e-14)
+    a = K.ops.qk_norm_rope_apply(x, w, f, ss, 32, EPS)[0]
+    assert torch.allclose(a, K.qk_norm_rope(x, w, f, EPS), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_bitwise_deterministic_across_runs_and_threads(kernel):
+    fn, _, shapes = KERNELS[kernel]
+    inputs = make_inputs(kernel, shapes[-1], torch.bfloat16, "contiguous")
+    first = outputs_and_grads(fn, inputs)
+    threads = torch.get_num_threads()
+    try:
+        for n in (threads, 1, 3):
+            torch.set_num_threads(n)
+            again = outputs_and_grads(fn, inputs)
+            assert all(torch.equal(a, b) for a, b in zip(first, again)), f"{kernel} differs with {n} threads"
+    finally:
+        torch.set_num_threads(threads)
