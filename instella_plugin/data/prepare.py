@@ -10,6 +10,7 @@ and written back in submission order, so the output bytes do not depend on the w
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing as mp
 import os
 import sys
@@ -42,10 +43,13 @@ class PrepareStats:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def _init_worker(tokenizer_json: str, eod_id: Optional[int], split: Optional[str]) -> None:
-    from tokenizers import Tokenizer
+def _init_worker(tokenizer, eod_id: Optional[int], split: Optional[str]) -> None:
+    """Per-process state; ``tokenizer`` is a ``tokenizers.Tokenizer`` or its JSON (sent to workers)."""
+    if isinstance(tokenizer, str):
+        from tokenizers import Tokenizer
 
-    _WORKER.update(tokenizer=Tokenizer.from_str(tokenizer_json), eod=eod_id, split=split)
+        tokenizer = Tokenizer.from_str(tokenizer)
+    _WORKER.update(tokenizer=tokenizer, eod=eod_id, split=split)
 
 
 def _tokenize_chunk(texts: Sequence[str]):
@@ -70,7 +74,7 @@ def _tokenize_chunk(texts: Sequence[str]):
         for d in ends[per_doc > 0]:
             ids[d].append(eod)
         lengths[ends[per_doc > 0]] += 1
-    tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     return tokens, lengths, per_doc
 
 
@@ -103,7 +107,7 @@ def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_ke
         raise ValueError("the tokenizer has no EOS token; pass append_eod=False (--no-append-eod) or another tokenizer")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    init_args = (tok.backend_tokenizer.to_str(), eod, language if split_sentences else None)
+    split = language if split_sentences else None
     if split_sentences:
         from instella_plugin.data.sentences import punkt_splitter
 
@@ -111,9 +115,11 @@ def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_ke
     total_bytes = sum(os.path.getsize(f) for f in files)
     start = time.perf_counter()
     bad = empty = 0
-    pool = mp.get_context("fork").Pool(workers, _init_worker, init_args) if workers > 1 else None
-    if pool is None:
-        _init_worker(*init_args)
+    if workers > 1:
+        pool = mp.get_context("fork").Pool(workers, _init_worker, (tok.backend_tokenizer.to_str(), eod, split))
+    else:
+        pool = None
+        _init_worker(tok.backend_tokenizer, eod, split)
     pending: collections.deque = collections.deque()
     bar = _progress(total_bytes, progress, os.path.basename(output_prefix))
     try:
