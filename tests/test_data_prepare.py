@@ -77,21 +77,38 @@ def test_parquet_arrow_and_hf_cache_inputs_match_jsonl(tmp_path, tok, monkeypatc
 
 
 def test_kill_mid_run_leaves_no_idx_and_rerun_completes(tmp_path, tok):
-    src = _jsonl(tmp_path / "big.jsonl", _docs(40000, seed=2))
-    prefix = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "instella_plugin.cli", "data", "prepare", src, "--output-prefix", prefix, "--no-progress"]
+    """The input is a FIFO the test holds open, so the kill surely lands while prepare is writing."""
+    docs = _docs(3000, seed=2)
+    fifo, prefix = str(tmp_path / "stream.jsonl"), str(tmp_path / "out")
+    os.mkfifo(fifo)
+    cmd = [sys.executable, "-m", "instella_plugin.cli", "data", "prepare", fifo, "--output-prefix", prefix, "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not (os.path.exists(prefix + ".bin.partial") and os.path.getsize(prefix + ".bin.partial") > 0):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.01)
-    assert proc.poll() is None, "prepare finished before it could be killed; enlarge the input"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    deadline = time.time() + 120
+    fd = None
+    try:
+        while fd is None:  # opening a FIFO's write end fails until the reader has it open
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.time() < deadline
+                time.sleep(0.05)
+        os.set_blocking(fd, True)
+        os.write(fd, "".join(json.dumps({"text": d}) + "\n" for d in docs[:2000]).encode())
+        while not (os.path.exists(prefix + ".bin.partial") and os.path.getsize(prefix + ".bin.partial") > 0):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        assert proc.poll() is None  # still waiting for the rest of the input
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if fd is not None:
+            os.close(fd)
+    assert os.path.getsize(prefix + ".bin.partial") > 0
     assert not os.path.exists(prefix + ".idx") and not os.path.exists(prefix + ".bin")
+    src = _jsonl(tmp_path / "all.jsonl", docs)
     stats = prepare(src, prefix, tok, workers=2)
-    assert check_pair(prefix).documents == stats.documents == 40000
+    assert check_pair(prefix).documents == stats.documents == 3000
     assert not os.path.exists(prefix + ".bin.partial")
 
 

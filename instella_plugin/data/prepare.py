@@ -112,7 +112,7 @@ def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_ke
         from instella_plugin.data.sentences import punkt_splitter
 
         punkt_splitter(language)  # fail on a missing model before any work
-    total_bytes = sum(os.path.getsize(f) for f in files)
+    total_bytes = sum(os.path.getsize(f) if os.path.isfile(f) else 0 for f in files) or None  # None: no ETA
     start = time.perf_counter()
     bad = empty = 0
     if workers > 1:

@@ -54,7 +54,7 @@ def resolve_inputs(inputs: List[str]) -> List[str]:
     """
     files, missing = [], []
     for item in inputs:
-        if os.path.isfile(item):
+        if os.path.isfile(item) or (os.path.exists(item) and not os.path.isdir(item)):  # files, FIFOs, /dev/fd/N
             files.append(item)
         elif os.path.isdir(item):
             found = _files_in(item)
@@ -70,7 +70,7 @@ def resolve_inputs(inputs: List[str]) -> List[str]:
                 f"first, e.g. `huggingface-cli download --repo-type dataset {item}`)"))
     if missing:
         raise FileNotFoundError("no input data for: " + "; ".join(missing))
-    unknown = [f for f in files if not _has_ext(f, ALL_EXT)]
+    unknown = [f for f in files if os.path.isfile(f) and not _has_ext(f, ALL_EXT)]  # pipes are read as JSONL
     if unknown:
         raise ValueError(f"unsupported input format for {', '.join(unknown)}: use JSONL(.gz), Parquet or Arrow")
     return files
@@ -78,11 +78,15 @@ def resolve_inputs(inputs: List[str]) -> List[str]:
 
 def _read_jsonl(path: str, key: str) -> Iterator[Tuple[object, str, int]]:
     with open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+        gz = path.endswith(".gz")
+        stream = gzip.GzipFile(fileobj=raw) if gz else raw
         last = 0
         for lineno, line in enumerate(stream, 1):
-            now = raw.tell()
-            nbytes, last = now - last, now
+            if gz:  # progress in compressed bytes, against the compressed file size
+                now = raw.tell()
+                nbytes, last = now - last, now
+            else:  # also works on pipes, e.g. prepare <(zstdcat data.jsonl.zst)
+                nbytes = len(line)
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -144,4 +148,5 @@ def _arrow_rows(path: str) -> int:
 def read_documents(files: List[str], key: str = "text") -> Iterator[Tuple[object, str, int]]:
     """Yield ``(text_or_BadRecord, where, nbytes)`` for every record of every file, in order."""
     for path in files:
-        yield from (_read_jsonl(path, key) if _has_ext(path, JSONL_EXT) else _read_table(path, key))
+        jsonl = _has_ext(path, JSONL_EXT) or not os.path.isfile(path)
+        yield from (_read_jsonl(path, key) if jsonl else _read_table(path, key))
