@@ -95,6 +95,9 @@ def test_seed_array_and_dependent_merge(tmp_path, slurm_stub, capsys):
     assert record["jobs"] == {"train": "101", "merge": "102"}
     for script in ("train_seeds.sbatch", "merge.sbatch"):
         subprocess.run(["bash", "-n", str(tmp_path / "runs/s2/submit" / script)], check=True)
+        if shutil.which("shellcheck"):
+            res = subprocess.run(["shellcheck", str(tmp_path / "runs/s2/submit" / script)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stdout
 
 
 def test_resubmit_resumes_and_guards_the_run(tmp_path, slurm_stub, capsys):

@@ -215,7 +215,8 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="instella submit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="instella submit",
+                                description="Slurm batch submission from a recipe and a cluster profile.")
     add_arguments(p)
     return run(p.parse_args(argv))
 
