@@ -6,6 +6,7 @@
 #pragma once
 #include <stdint.h>
 
+#include "instella_kernels/qk_shape.h"
 #include "instella_kernels/scalar.h"
 
 namespace instella {
@@ -18,13 +19,6 @@ void rms_norm_fwd(DType dt, const void* x, int64_t x_stride, const void* w, void
 // dx (contiguous) and dw (dtype of w, [hidden]) from dy, x and the saved rstd.
 void rms_norm_bwd(DType dt, const void* dy, int64_t dy_stride, const void* x, int64_t x_stride,
                   const void* w, const void* rstd, void* dx, void* dw, int64_t rows, int64_t hidden);
-
-// Geometry of a [s, b, heads, head_dim] q or k tensor: element strides of its first three dims;
-// the last dim is contiguous.
-struct QKShape {
-  int64_t s, b, heads, head_dim;
-  int64_t stride_s, stride_b, stride_h;
-};
 
 // Sum of squares of each (s, b) row over heads*head_dim, into ss (Acc, [s*b]).
 void qk_sumsq(DType dt, const void* x, QKShape shape, void* ss);

@@ -1,248 +1,65 @@
 // torch binding of the CPU kernels: registers CPU implementations of the instella:: ops whose
 // schemas, fake (meta) implementations and autograd formulas are defined in Python
-// (instella_plugin/kernels/ops.py). Checks every input and names the problem and the fix.
+// (instella_plugin/kernels/ops.py). Checks and op bodies: instella_kernels/torch_binding.h.
 #include <Python.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <tuple>
-
+#include "instella_kernels/torch_binding.h"
 #include "kernels.h"
 
 namespace instella {
 namespace {
 
-using at::Tensor;
-namespace k = instella::cpu;
-
-DType dtype_of(const Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kDouble: return DType::f64;
-    case at::kBFloat16: return DType::bf16;
-    default:
-      TORCH_CHECK_VALUE(false, op, ": unsupported dtype ", t.scalar_type(),
-                  "; supported are float32, float64 and bfloat16 (cast the input first)");
+struct CpuBackend {
+  static constexpr const char* kDevice = "CPU";
+  static constexpr const char* kHint =
+      "build the GPU extension with INSTELLA_KERNELS=all on a CUDA/ROCm torch, or move the tensors to the CPU";
+  struct Guard {
+    explicit Guard(const at::Device&) {}
+  };
+  static bool on_device(const Tensor& t) { return t.device().is_cpu(); }
+  static Tensor workspace(const Tensor& x, int64_t, int64_t) { return at::empty({0}, x.options()); }
+  static void rms_norm_fwd(DType dt, const void* x, int64_t xs, const void* w, void* y, void* rstd,
+                           int64_t rows, int64_t n, double eps) {
+    cpu::rms_norm_fwd(dt, x, xs, w, y, rstd, rows, n, eps);
   }
-}
-
-at::ScalarType acc_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_cpu(const char* op, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": expected CPU tensors but got one on ", t->device(),
-                "; this is the CPU kernel (build the GPU extension with INSTELLA_KERNELS=all, or move "
-                "the tensors to the CPU)");
+  static void rms_norm_bwd(DType dt, const void* dy, int64_t dys, const void* x, int64_t xs,
+                           const void* w, const void* rstd, void* dx, void* dw, void*, int64_t rows,
+                           int64_t n) {
+    cpu::rms_norm_bwd(dt, dy, dys, x, xs, w, rstd, dx, dw, rows, n);
   }
-}
-
-void check_same_dtype(const char* op, const Tensor& x, const Tensor& other, const char* name) {
-  TORCH_CHECK_VALUE(other.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
-              other.scalar_type(), " but x has ", x.scalar_type(), "; cast ", name,
-              " to the dtype of x");
-}
-
-// x as [rows, n] with a row stride and a contiguous last dim (copies only when it must).
-Tensor as_rows(const Tensor& x, int64_t n) {
-  Tensor m = x.reshape({-1, n});
-  if (m.size(0) > 1 && m.stride(1) != 1) m = m.contiguous();
-  if (m.size(0) <= 1 && n > 1 && m.stride(1) != 1) m = m.contiguous();
-  return m;
-}
-
-std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, const Tensor& w, double eps) {
-  const char* op = "instella::rms_norm_fwd";
-  check_cpu(op, {&x, &w});
-  const DType dt = dtype_of(x, op);
-  check_same_dtype(op, x, w, "weight");
-  TORCH_CHECK_VALUE(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1), op, ": weight shape ",
-              w.sizes(), " does not match the last dim of x ", x.sizes(), "; expected [", 
-              x.dim() ? x.size(-1) : 0, "]");
-  const int64_t n = x.size(-1);
-  Tensor xm = as_rows(x, n), wc = w.contiguous();
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_type(x)));
-  k::rms_norm_fwd(dt, xm.data_ptr(), xm.stride(0), wc.data_ptr(), y.data_ptr(), rstd.data_ptr(),
-                  xm.size(0), n, eps);
-  return {y, rstd};
-}
-
-std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w,
-                                        const Tensor& rstd) {
-  const char* op = "instella::rms_norm_bwd";
-  check_cpu(op, {&dy, &x, &w, &rstd});
-  const DType dt = dtype_of(x, op);
-  check_same_dtype(op, x, w, "weight");
-  check_same_dtype(op, x, dy, "grad");
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && w.dim() == 1 && w.size(0) == x.size(-1) &&
-                  rstd.numel() * x.size(-1) == x.numel() && rstd.scalar_type() == acc_type(x),
-              op, ": inconsistent shapes/dtypes: grad ", dy.sizes(), ", x ", x.sizes(), ", weight ",
-              w.sizes(), ", rstd ", rstd.sizes(), " ", rstd.scalar_type(),
-              "; pass the tensors saved by rms_norm_fwd");
-  const int64_t n = x.size(-1);
-  Tensor xm = as_rows(x, n), gm = as_rows(dy, n), wc = w.contiguous(), rc = rstd.contiguous();
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor dw = at::empty({n}, w.options());
-  k::rms_norm_bwd(dt, gm.data_ptr(), gm.stride(0), xm.data_ptr(), xm.stride(0), wc.data_ptr(),
-                  rc.data_ptr(), dx.data_ptr(), dw.data_ptr(), xm.size(0), n);
-  return {dx, dw};
-}
-
-// [s, b, heads, head_dim] geometry; copies x only when its last dim is strided.
-k::QKShape qk_shape(const char* op, Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected q or k of shape [s, b, heads, head_dim], got ",
-              x.sizes(), " (Megatron's layout)");
-  TORCH_CHECK_VALUE(x.size(3) % 2 == 0, op, ": head_dim ", x.size(3),
-              " is odd; rotate-half RoPE needs an even head_dim");
-  if (x.stride(3) != 1) x = x.contiguous();
-  return k::QKShape{x.size(0), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2)};
-}
-
-Tensor freqs_table(const char* op, const Tensor& freqs, const Tensor& x) {
-  TORCH_CHECK_VALUE(freqs.scalar_type() == at::kFloat || freqs.scalar_type() == at::kDouble, op,
-              ": freqs must be float32 or float64 (RoPE angles), got ", freqs.scalar_type());
-  TORCH_CHECK_VALUE(freqs.dim() >= 2 && freqs.size(0) == x.size(0) && freqs.size(-1) == x.size(3) &&
-                  freqs.numel() == x.size(0) * x.size(3),
-              op, ": freqs of shape ", freqs.sizes(), " do not match x ", x.sizes(),
-              "; expected [s, 1, 1, head_dim] = [", x.size(0), ", 1, 1, ", x.size(3), "]");
-  return freqs.to(acc_type(x)).reshape({x.size(0), x.size(3)}).contiguous();
-}
-
-void check_qk_weight(const char* op, const Tensor& x, const Tensor& w) {
-  check_same_dtype(op, x, w, "weight");
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == x.size(2) * x.size(3), op, ": weight of shape ",
-              w.sizes(), " does not cover the local width heads*head_dim = ", x.size(2) * x.size(3),
-              " of x ", x.sizes());
-}
-
-std::tuple<Tensor, Tensor> qk_fwd_impl(const char* op, const Tensor& x_in, const Tensor& w,
-                                       const Tensor& freqs, const Tensor* ss, int64_t full_width,
-                                       double eps) {
-  Tensor x = x_in;
-  check_cpu(op, {&x, &w, &freqs});
-  const DType dt = dtype_of(x, op);
-  k::QKShape sh = qk_shape(op, x);
-  check_qk_weight(op, x, w);
-  Tensor f = freqs_table(op, freqs, x);
-  Tensor ssc;
-  if (ss) {
-    check_cpu(op, {ss});
-    TORCH_CHECK_VALUE(ss->scalar_type() == acc_type(x) && ss->numel() == sh.s * sh.b, op,
-                ": ss must hold ", sh.s * sh.b, " sums of squares of dtype ", acc_type(x),
-                " (the output of qk_sumsq, all-reduced), got ", ss->sizes(), " ", ss->scalar_type());
-    TORCH_CHECK_VALUE(full_width >= sh.heads * sh.head_dim, op, ": full_width ", full_width,
-                " is smaller than the local width ", sh.heads * sh.head_dim,
-                "; pass the width of q or k before tensor-parallel splitting");
-    ssc = ss->contiguous();
+  static void qk_sumsq(DType dt, const void* x, QKShape sh, void* ss) { cpu::qk_sumsq(dt, x, sh, ss); }
+  static void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const void* f,
+                               const void* ss, int64_t fw, double eps, void* y, void* rstd) {
+    cpu::qk_norm_rope_fwd(dt, x, sh, w, f, ss, fw, eps, y, rstd);
   }
-  Tensor wc = w.contiguous();
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor rstd = at::empty({sh.s, sh.b}, x.options().dtype(acc_type(x)));
-  k::qk_norm_rope_fwd(dt, x.data_ptr(), sh, wc.data_ptr(), f.data_ptr(),
-                      ss ? ssc.data_ptr() : nullptr, full_width, eps, y.data_ptr(), rstd.data_ptr());
-  return {y, rstd};
-}
-
-std::tuple<Tensor, Tensor> qk_norm_rope_fwd(const Tensor& x, const Tensor& w, const Tensor& freqs,
-                                            double eps) {
-  return qk_fwd_impl("instella::qk_norm_rope_fwd", x, w, freqs, nullptr,
-                     x.dim() == 4 ? x.size(2) * x.size(3) : 0, eps);
-}
-
-std::tuple<Tensor, Tensor> qk_norm_rope_apply(const Tensor& x, const Tensor& w, const Tensor& freqs,
-                                              const Tensor& ss, int64_t full_width, double eps) {
-  return qk_fwd_impl("instella::qk_norm_rope_apply", x, w, freqs, &ss, full_width, eps);
-}
-
-Tensor qk_sumsq(const Tensor& x_in) {
-  const char* op = "instella::qk_sumsq";
-  Tensor x = x_in;
-  check_cpu(op, {&x});
-  const DType dt = dtype_of(x, op);
-  k::QKShape sh = qk_shape(op, x);
-  Tensor ss = at::empty({sh.s, sh.b}, x.options().dtype(acc_type(x)));
-  k::qk_sumsq(dt, x.data_ptr(), sh, ss.data_ptr());
-  return ss;
-}
-
-std::tuple<Tensor, Tensor, Tensor> qk_norm_rope_bwd(const Tensor& dy_in, const Tensor& x_in,
-                                                    const Tensor& w, const Tensor& freqs,
-                                                    const Tensor& rstd, int64_t full_width,
-                                                    bool split) {
-  const char* op = "instella::qk_norm_rope_bwd";
-  Tensor x = x_in, dy = dy_in;
-  check_cpu(op, {&dy, &x, &w, &freqs, &rstd});
-  const DType dt = dtype_of(x, op);
-  check_same_dtype(op, x, dy, "grad");
-  k::QKShape sh = qk_shape(op, x);
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), op, ": grad ", dy.sizes(), " and x ", x.sizes(),
-              " differ in shape");
-  k::QKShape gsh = qk_shape(op, dy);
-  check_qk_weight(op, x, w);
-  Tensor f = freqs_table(op, freqs, x);
-  TORCH_CHECK_VALUE(rstd.scalar_type() == acc_type(x) && rstd.numel() == sh.s * sh.b &&
-                  full_width >= sh.heads * sh.head_dim,
-              op, ": rstd ", rstd.sizes(), " ", rstd.scalar_type(), " / full_width ", full_width,
-              " inconsistent with x ", x.sizes(), "; pass what the forward op saved");
-  Tensor wc = w.contiguous(), rc = rstd.contiguous();
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor dw = at::empty({sh.heads * sh.head_dim}, w.options());
-  Tensor dss = at::empty({split ? sh.s : 0, split ? sh.b : 0}, x.options().dtype(acc_type(x)));
-  k::qk_norm_rope_bwd(dt, dy.data_ptr(), gsh, x.data_ptr(), sh, wc.data_ptr(), f.data_ptr(),
-                      rc.data_ptr(), full_width, split, dx.data_ptr(), dw.data_ptr(),
-                      split ? dss.data_ptr() : nullptr);
-  return {dx, dw, dss};
-}
-
-int64_t swiglu_width(const char* op, const Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0, op, ": the last dim of x ", x.sizes(),
-              " must be even: it holds [gate | up] (Megatron's fc1 output with gated_linear_unit)");
-  return x.size(-1) / 2;
-}
-
-Tensor swiglu_fwd(const Tensor& x) {
-  const char* op = "instella::swiglu_fwd";
-  check_cpu(op, {&x});
-  const DType dt = dtype_of(x, op);
-  const int64_t f = swiglu_width(op, x);
-  Tensor xm = as_rows(x, 2 * f);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = f;
-  Tensor y = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
-  k::swiglu_fwd(dt, xm.data_ptr(), xm.stride(0), y.data_ptr(), xm.size(0), f);
-  return y;
-}
-
-Tensor swiglu_bwd(const Tensor& dy, const Tensor& x) {
-  const char* op = "instella::swiglu_bwd";
-  check_cpu(op, {&dy, &x});
-  const DType dt = dtype_of(x, op);
-  check_same_dtype(op, x, dy, "grad");
-  const int64_t f = swiglu_width(op, x);
-  TORCH_CHECK_VALUE(dy.dim() == x.dim() && dy.size(-1) == f && dy.numel() * 2 == x.numel(), op,
-              ": grad ", dy.sizes(), " does not match x ", x.sizes(), " (expected last dim ", f, ")");
-  Tensor xm = as_rows(x, 2 * f), gm = as_rows(dy, f);
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  k::swiglu_bwd(dt, gm.data_ptr(), gm.stride(0), xm.data_ptr(), xm.stride(0), dx.data_ptr(),
-                xm.size(0), f);
-  return dx;
-}
+  static void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKShape sh,
+                               const void* w, const void* f, const void* rstd, int64_t fw, bool split,
+                               void* dx, void* dw, void* dss, void*) {
+    cpu::qk_norm_rope_bwd(dt, dy, gsh, x, sh, w, f, rstd, fw, split, dx, dw, dss);
+  }
+  static void swiglu_fwd(DType dt, const void* x, int64_t xs, void* y, int64_t rows, int64_t f) {
+    cpu::swiglu_fwd(dt, x, xs, y, rows, f);
+  }
+  static void swiglu_bwd(DType dt, const void* dy, int64_t dys, const void* x, int64_t xs, void* dx,
+                         int64_t rows, int64_t f) {
+    cpu::swiglu_bwd(dt, dy, dys, x, xs, dx, rows, f);
+  }
+};
 
 }  // namespace
 }  // namespace instella
 
 TORCH_LIBRARY_IMPL(instella, CPU, m) {
-  m.impl("rms_norm_fwd", &instella::rms_norm_fwd);
-  m.impl("rms_norm_bwd", &instella::rms_norm_bwd);
-  m.impl("qk_sumsq", &instella::qk_sumsq);
-  m.impl("qk_norm_rope_fwd", &instella::qk_norm_rope_fwd);
-  m.impl("qk_norm_rope_apply", &instella::qk_norm_rope_apply);
-  m.impl("qk_norm_rope_bwd", &instella::qk_norm_rope_bwd);
-  m.impl("swiglu_fwd", &instella::swiglu_fwd);
-  m.impl("swiglu_bwd", &instella::swiglu_bwd);
+  using B = instella::CpuBackend;
+  m.impl("rms_norm_fwd", &instella::rms_norm_fwd<B>);
+  m.impl("rms_norm_bwd", &instella::rms_norm_bwd<B>);
+  m.impl("qk_sumsq", &instella::qk_sumsq<B>);
+  m.impl("qk_norm_rope_fwd", &instella::qk_norm_rope_fwd<B>);
+  m.impl("qk_norm_rope_apply", &instella::qk_norm_rope_apply<B>);
+  m.impl("qk_norm_rope_bwd", &instella::qk_norm_rope_bwd<B>);
+  m.impl("swiglu_fwd", &instella::swiglu_fwd<B>);
+  m.impl("swiglu_bwd", &instella::swiglu_bwd<B>);
 }
 
 // Importing the module (instella_plugin.kernels._cpu) runs the registration above.
