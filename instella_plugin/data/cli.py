@@ -1,5 +1,6 @@
-"""``instella data``: prepare | index | blend | sft. Each subcommand calls the library function of the
-same job (``prepare.prepare``, ``index_tokens.index_token_files``, ``blends.resolve_blend``,
+"""Tokenise to Megatron .bin/.idx, index token files, resolve blends, format SFT chats.
+
+``instella data prepare | index | blend | sft``: each subcommand calls the library function of the same job (``prepare.prepare``, ``index_tokens.index_token_files``, ``blends.resolve_blend``,
 ``sft.write_sft``/``write_preference``) and prints what it wrote."""
 from __future__ import annotations
 
