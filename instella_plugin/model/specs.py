@@ -62,7 +62,7 @@ def block_spec(layer: ModuleSpec, config, vp_stage: Optional[int] = None,
 
 def instella_local_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from instella_plugin.model.packed_attention import InstellaDotProductAttention as DotProductAttention
 
     layer = instella_layer_spec(column_linear=ColumnParallelLinear, row_linear=RowParallelLinear,
                                 core_attention=DotProductAttention)
