@@ -201,3 +201,33 @@ def test_packed_documents_match_each_document_alone_at_its_offset():
 
     thd_ref, _, _ = segment_reference(CFG, hf, [thd], packed=True, with_grads=False)
     assert (out["thd"] - thd_ref[0]).abs().max().item() <= 2e-5
+
+
+def test_per_document_attention_kernel_matches_fp64_masked_softmax():
+    """The attention core alone (GQA, two rows, uneven documents) against a dense fp64 reference,
+    with torch restricted to its flash kernel: the memory-efficient path is really the one taken."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from instella_plugin.model.packed_attention import InstellaDotProductAttention
+
+    s, b, n, g, d = 24, 2, 4, 2, 16
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(s, b, heads, d, generator=gen) for heads in (n, g, g))
+    segments = [[(0, 7), (7, 24)], [(0, 3), (3, 4), (4, 24)]]
+    fake = SimpleNamespace(softmax_scale=0.3, layer_number=1,
+                           config=SimpleNamespace(apply_query_key_layer_scaling=False))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        got = InstellaDotProductAttention._attend(fake, q, k, v, segments)
+    doc = torch.zeros(b, s, dtype=torch.long)
+    for r, docs in enumerate(segments):
+        for i, (a, e) in enumerate(docs):
+            doc[r, a:e] = i
+    allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
+    kk, vv = (t.double().repeat_interleave(n // g, dim=2) for t in (k, v))
+    scores = torch.einsum("qbnd,kbnd->bnqk", q.double(), kk) * 0.3
+    probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    want = torch.einsum("bnqk,kbnd->qbnd", probs, vv)
+    assert got.shape == (s, b, n, d)
+    assert (got.double() - want).abs().max().item() <= 1e-5

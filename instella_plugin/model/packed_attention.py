@@ -188,11 +188,19 @@ class InstellaDotProductAttention(DotProductAttention):
         groups = q.shape[2] // k.shape[2]
         if groups > 1:
             k, v = (t.repeat_interleave(groups, dim=2) for t in (k, v))
-        rows = []
-        for bi, docs in enumerate(segments):
-            # [s, n, d] -> [n, s, d] for this row
-            qb, kb, vb = (t[:, bi].transpose(0, 1) for t in (q, k, v))
-            pieces = [F.scaled_dot_product_attention(qb[:, a:e], kb[:, a:e], vb[:, a:e], is_causal=True,
-                                                     scale=scale) for a, e in docs]
-            rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-        return torch.stack(rows, dim=0).permute(2, 0, 1, 3)  # [b, n, s, d] -> [s, b, n, d]
+        # [s, b, n, d] -> [b, n, s, d]: 4-D inputs select torch's flash kernel on CPU and GPU
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+
+        def sdpa(qq, kk, vv):
+            return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale)
+
+        if all(len(docs) == 1 for docs in segments):
+            out = sdpa(q, k, v)
+        else:
+            rows = []
+            for bi, docs in enumerate(segments):
+                r = slice(bi, bi + 1)
+                pieces = [sdpa(q[r, :, a:e], k[r, :, a:e], v[r, :, a:e]) for a, e in docs]
+                rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+            out = torch.cat(rows, dim=0)
+        return out.permute(2, 0, 1, 3)  # [s, b, n, d]
