@@ -89,7 +89,8 @@ def test_seed_array_and_dependent_merge(tmp_path, slurm_stub, capsys):
     m = (tmp_path / "runs/s2/submit/merge.sbatch").read_text()
     for s in (5796, 6198, 8915):
         assert f"{tmp_path}/runs/s2/seed_{s}/checkpoints" in m
-    assert '-m instella_plugin.cli merge --inputs "${INPUTS[@]}" --output "$OUTPUT"' in m
+    assert 'MERGE_ARGS=(--inputs "${INPUTS[@]}" --output "$OUTPUT")' in m
+    assert '-m instella_plugin.cli merge "${MERGE_ARGS[@]}"' in m
     assert f"OUTPUT={tmp_path}/runs/s2/merged" in m
     record = json.loads((tmp_path / "runs/s2/submit/submissions.jsonl").read_text())
     assert record["jobs"] == {"train": "101", "merge": "102"}

@@ -115,7 +115,8 @@ if os.environ["RANK"] == "0":
 """
 MERGE_STUB = """
 import argparse, json, os
-p = argparse.ArgumentParser(); p.add_argument("--inputs", nargs="+"); p.add_argument("--output"); a = p.parse_args()
+p = argparse.ArgumentParser(); p.add_argument("--inputs", nargs="+"); p.add_argument("--output")
+p.add_argument("--overwrite", action="store_true"); a = p.parse_args()
 os.makedirs(a.output, exist_ok=True)
 json.dump(a.inputs, open(os.path.join(a.output, "inputs.json"), "w"))
 """
@@ -220,4 +221,5 @@ def test_tiny_cpu_seed_array_then_merge(cluster, tiny_data, tmp_path):
     assert_completed(cluster, [arr, merge], 420, run / "logs")
     for seed in (5796, 6198, 8915):
         assert (run / f"seed_{seed}/checkpoints" / TRACKER).read_text().strip() == "3"
-    assert (run / "merged").is_dir() and any((run / "merged").iterdir())
+    assert (run / "merged" / TRACKER).read_text().strip() == "3"  # a Megatron checkpoint of the final step
+    assert "merged 3 checkpoints" in (run / "logs" / f"instella-seeds-merge-{merge}.out").read_text()

@@ -190,6 +190,9 @@ def render_merge_script(spec, merge_dir):
             f"INPUTS=({inputs})",
             f"OUTPUT={q(merge_dir)}",
             'echo "[instella] merging ${INPUTS[*]} -> $OUTPUT"',
-            '"$PYTHON" -m instella_plugin.cli merge --inputs "${INPUTS[@]}" --output "$OUTPUT"',
+            'MERGE_ARGS=(--inputs "${INPUTS[@]}" --output "$OUTPUT")',
+            "# A resubmitted run merges its seeds' latest checkpoints again, replacing the earlier merge.",
+            'if [[ -e $OUTPUT ]]; then MERGE_ARGS+=(--overwrite); fi',
+            '"$PYTHON" -m instella_plugin.cli merge "${MERGE_ARGS[@]}"',
             'echo "[instella] merged checkpoint written to $OUTPUT"', ""]
     return "\n".join(out)
