@@ -6,10 +6,8 @@ stand-in trainer that writes a checkpoint tracker, so resuming is observable.
 """
 import json
 import os
-import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -139,7 +137,8 @@ if int(os.environ["RANK"]) == 0:
 
 
 def test_local_runs_the_same_script_and_resumes(tmp_path, monkeypatch, capsys):
-    """--local: bash runs the written script, torchrun starts 2 ranks; a second run resumes."""
+    """--local: bash runs the written script for each seed, torchrun starts 2 ranks; a seed with a
+    checkpoint resumes from it."""
     stub = tmp_path / "stub_trainer.py"
     stub.write_text(STUB_TRAINER)
     real_plan = submit.plan
@@ -152,13 +151,17 @@ def test_local_runs_the_same_script_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(submit, "plan", plan_with_stub)
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no sbatch needed for --local
     args = ("--run-name", "loc", "--seeds", "11", "22", "--no-merge", "--train-iters", "5", "--local")
-    assert cli(tmp_path, *args) == 0
+    done = tmp_path / "runs/loc/seed_11/checkpoints"  # seed 11 saved iteration 5 in an earlier run
+    done.mkdir(parents=True)
+    (done / "latest_checkpointed_iteration.txt").write_text("5")
     assert cli(tmp_path, *args) == 0
     out = capsys.readouterr().out
-    for seed in (11, 22):
-        lines = [json.loads(x) for x in (tmp_path / f"runs/loc/seed_{seed}/checkpoints/calls.jsonl").read_text().splitlines()]
-        assert lines == [{"start": 0, "world": 2, "seed": str(seed)}, {"start": 5, "world": 2, "seed": str(seed)}]
-    assert len(re.findall(r"resuming from iteration 5 in", out)) == 2
+    calls_11 = [json.loads(x) for x in (done / "calls.jsonl").read_text().splitlines()]
+    calls_22 = [json.loads(x) for x in (tmp_path / "runs/loc/seed_22/checkpoints/calls.jsonl").read_text().splitlines()]
+    assert calls_11 == [{"start": 5, "world": 2, "seed": "11"}]
+    assert calls_22 == [{"start": 0, "world": 2, "seed": "22"}]
+    assert f"resuming from iteration 5 in {done}" in out and "starting from scratch" in out
+    assert (done / "latest_checkpointed_iteration.txt").read_text() == "10"
     assert "TOKENIZERS_PARALLELISM=false" in out and "local run finished with exit codes [0, 0]" in out
     assert (tmp_path / "runs/loc/logs/local-train-22.out").exists()
 
