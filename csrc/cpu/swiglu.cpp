@@ -1,5 +1,5 @@
 // SwiGLU on Megatron's fc1 output [..., 2F] = [gate | up]: y = silu(gate) * up, computed in Acc
-// (the sigmoid of fp32 values in double) and rounded once to the input dtype.
+// and rounded once to the input dtype.
 #include <math.h>
 #include <omp.h>
 
@@ -21,7 +21,7 @@ INSTELLA_INLINE void fwd_rows(const T* x, int64_t xs, T* y, int64_t f, int64_t r
 #pragma omp simd
     for (int64_t i = 0; i < f; ++i) {
       const A gv = to_acc(g[i]);
-      yr[i] = from_acc<T>(A(double(gv) * sigmoid_acc(gv)) * to_acc(u[i]));
+      yr[i] = from_acc<T>(gv * sigmoid_acc(gv) * to_acc(u[i]));
     }
   }
 }
@@ -39,9 +39,9 @@ INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, 
 #pragma omp simd
     for (int64_t i = 0; i < f; ++i) {
       const A gv = to_acc(g[i]), uv = to_acc(u[i]), dyv = to_acc(gy[i]);
-      const double s = sigmoid_acc(gv);
-      const A silu = A(double(gv) * s);
-      const A dsilu = A(s * (1.0 + double(gv) * (1.0 - s)));
+      const A s = sigmoid_acc(gv);
+      const A silu = gv * s;
+      const A dsilu = s * (A(1) + gv * (A(1) - s));
       dg[i] = from_acc<T>(dyv * uv * dsilu);
       du[i] = from_acc<T>(dyv * silu);
     }

@@ -1,5 +1,5 @@
 // SwiGLU on Megatron's fc1 layout [gate | up] on the GPU (same contract as csrc/cpu/swiglu.cpp):
-// elementwise, grid-stride over rows * F, sigmoid in double for fp32 values.
+// elementwise, grid-stride over rows * F.
 #include "common.cuh"
 #include "kernels.cuh"
 
@@ -15,7 +15,7 @@ __global__ void fwd_kernel(const T* x, int64_t xs, T* y, int64_t rows, int64_t f
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = e / f, i = e % f;
     const A g = to_acc(x[r * xs + i]), u = to_acc(x[r * xs + f + i]);
-    y[e] = from_acc<T>(A(double(g) * sigmoid_acc(g)) * u);
+    y[e] = from_acc<T>(g * sigmoid_acc(g) * u);
   }
 }
 
@@ -28,9 +28,9 @@ __global__ void bwd_kernel(const T* dy, int64_t dys, const T* x, int64_t xs, T* 
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = e / f, i = e % f;
     const A g = to_acc(x[r * xs + i]), u = to_acc(x[r * xs + f + i]), gy = to_acc(dy[r * dys + i]);
-    const double s = sigmoid_acc(g);
-    dx[r * 2 * f + i] = from_acc<T>(gy * u * A(s * (1.0 + double(g) * (1.0 - s))));
-    dx[r * 2 * f + f + i] = from_acc<T>(gy * A(double(g) * s));
+    const A s = sigmoid_acc(g);
+    dx[r * 2 * f + i] = from_acc<T>(gy * u * (s * (A(1) + g * (A(1) - s))));
+    dx[r * 2 * f + f + i] = from_acc<T>(gy * (g * s));
   }
 }
 
