@@ -1,9 +1,8 @@
 """Benchmark the fused kernels against PyTorch eager and torch.compile of the same reference.
 
 For each kernel (RMSNorm, full-width QK-norm + RoPE, SwiGLU), dtype and Instella shape it times (best
-of --reps, after warm-up)
-forward and the forward+backward of: the fused op, the eager PyTorch reference (what the ``instella``
-spec runs), and ``torch.compile`` of that reference, all in this run. It prints time, effective GB/s
+of --reps, after warm-up) the forward and the forward+backward of: the fused op, the eager PyTorch
+reference (what the ``instella`` spec runs), and ``torch.compile`` of that reference, all in this run. It prints time, effective GB/s
 (minimum bytes each pass must move), the fused speed-up over each baseline, and the fraction of this
 machine's copy bandwidth (``dst.copy_(src)`` on a tensor larger than the last-level cache, measured
 here too). Results are appended to bench/results/kernels.json and plotted to bench/results/kernels.png.
