@@ -46,10 +46,10 @@ def _cp_worker(cfg, hf, batches_per_dp_rank, variants):
         for b in full_batches:
             b = dict(b, packed_seq_params=packed_seq_params_from_tokens(b["tokens"], 0)) if packed else b
             local.append(batch_for_cp_rank(b))
-        logits = collect_logits(model, local, seq_length=SEQ // cp, micro_batch_size=MBS)
+        logits = collect_logits(model, local, seq_length=SEQ, micro_batch_size=MBS)
         for m in model:
             m.zero_grad_buffer()
-        reports = run_forward_backward(model, local, seq_length=SEQ // cp, micro_batch_size=MBS,
+        reports = run_forward_backward(model, local, seq_length=SEQ, micro_batch_size=MBS,
                                        num_microbatches=NUM_MB)
         total = sum_over_dp_cp(torch.stack([r["lm loss"] for r in reports]).sum(0))
         results[packed] = dict(logits=logits, loss=(total[0] / total[1]).item(),

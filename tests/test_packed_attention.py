@@ -17,7 +17,6 @@ from instella_plugin.model.packed_attention import (
     packed_seq_params_from_cu_seqlens,
     packed_seq_params_from_tokens,
 )
-from instella_plugin.testing.distributed import run_distributed
 from test_model_parity import random_hf_weights
 
 CFG = get_preset("instella-test")
@@ -170,13 +169,21 @@ def _packed_worker(cfg, hf, batches, thd_batch):
     return out
 
 
-@pytest.mark.dist
-def test_packed_documents_match_each_document_alone_at_its_offset():
+def packed_inputs():
+    """Weights and batches of the one-rank packed check (deterministic, rebuilt where needed)."""
     hf = random_hf_weights(CFG)
     # row 0: A (12 tokens, ends in EOD) | B (20); row 1: three documents of 5, 9 and 18 tokens
     batches = make_packed_batches(1, 2, 32, [[(0, 11), (1, 4), (1, 13)]])
     thd = make_packed_batches(1, 1, 24, [[(0, 6)]], seed=4)[0]
-    out = run_distributed(_packed_worker, 1, CFG, hf, batches, thd)[0]
+    return hf, batches, thd
+
+
+@pytest.mark.dist
+def test_packed_documents_match_each_document_alone_at_its_offset():
+    from test_rope_apply import one_rank_launch  # one 1-rank launch serves both files
+
+    hf, batches, thd = packed_inputs()
+    out = one_rank_launch()["packed"]
 
     ref, _, _ = segment_reference(CFG, hf, batches, packed=True, with_grads=False)
     got = out["sbhd"][0]

@@ -5,9 +5,11 @@ actually receives equal an fp64 reference computed here from the closed form; a 
 ``inv_freq`` alone is shown to leave the stale cached table in use (what the test guards against);
 (2) a run with a geometric theta ramp, stopped mid-ramp and resumed into a freshly built model
 (different init, build-time theta) from a state-dict checkpoint, continues with losses identical
-to the uninterrupted run, while a resume that forgets to re-apply theta does not.
+to the uninterrupted run, while a resume that forgets to re-apply theta does not. The same launch
+runs test_packed_attention's one-rank model check (launches cost seconds of imports per rank).
 """
 import copy
+import functools
 
 import pytest
 import torch
@@ -104,11 +106,24 @@ def _one_rank_worker(cfg):
     return out
 
 
+def _combined_worker(cfg, packed_args):
+    from test_packed_attention import _packed_worker
+
+    return {"rope": _one_rank_worker(cfg), "packed": _packed_worker(cfg, *packed_args)}
+
+
+@functools.lru_cache(maxsize=1)
+def one_rank_launch():
+    """One 1-rank launch for this file and test_packed_attention's packed-document check."""
+    from instella_plugin.testing.distributed import run_distributed
+    from test_packed_attention import packed_inputs
+
+    return run_distributed(_combined_worker, 1, CFG, packed_inputs())[0]
+
+
 @pytest.fixture(scope="module")
 def one_rank():
-    from instella_plugin.testing.distributed import run_distributed
-
-    return run_distributed(_one_rank_worker, 1, CFG)[0]
+    return one_rank_launch()["rope"]
 
 
 def _fp64_tables(theta, seq, dim):
