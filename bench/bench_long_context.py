@@ -125,7 +125,8 @@ def main():
     single = ["dense (megatron)", "per-doc sdpa, 1 doc", f"packed, {DOCS} docs"]
     rows = dict(run_distributed(_bench_worker, 1, args.seqs, single, args.repeats, args.dense_limit_gb)[0])
     for c in args.cp:
-        per_rank = run_distributed(_bench_worker, c, args.seqs, [f"cp {c} a2a"], args.repeats, args.dense_limit_gb, cp=c)
+        per_rank = run_distributed(_bench_worker, c, args.seqs, [f"cp {c} a2a"], args.repeats,
+                                   args.dense_limit_gb, cp=c)
         for key in per_rank[0]:  # the slowest rank's time, the largest rank's memory
             rows[key] = (max(r[key][0] for r in per_rank), max(r[key][1] for r in per_rank))
     variants = single + [f"cp {c} a2a" for c in args.cp]

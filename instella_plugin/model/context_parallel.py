@@ -106,12 +106,6 @@ def batch_for_cp_rank(batch: Dict, cp_rank: Optional[int] = None, cp_size: Optio
 
 
 # ---- the all-to-all ------------------------------------------------------------------------------
-def _cp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_context_parallel_group()
-
-
 def heads_to_sequence(x: torch.Tensor, group, seq_len: int) -> torch.Tensor:
     """[s/cp, b, n, d] (local tokens, all heads) -> [s, b, n/cp, d] (all tokens in order, our heads)."""
     from megatron.core.tensor_parallel.mappings import all_to_all
