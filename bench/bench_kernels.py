@@ -167,10 +167,14 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(RESULTS, "kernels.json"))
     p.add_argument("--label", default=None, help="label of this run in the results file")
     p.add_argument("--default-alloc", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads; on a loaded machine 1 thread times more reliably)")
     a = p.parse_args(argv)
     tokens = a.tokens or ([4096] if a.quick else [4096, 16384])
     dtypes = a.dtypes or (["float32"] if a.quick else ["float32", "bfloat16"])
     dev = a.device
+    if a.threads:
+        torch.set_num_threads(a.threads)
     copy_gbs = copy_bandwidth(dev)
     alloc = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     print(f"device {dev}, backend {K.backend(dev)}, threads {torch.get_num_threads()}, "

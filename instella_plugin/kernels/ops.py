@@ -16,14 +16,11 @@ Ops (``Acc`` = float64 for float64 inputs, float32 otherwise):
 - ``swiglu_fwd(x[..., 2F]) -> y[..., F]`` (x = [gate | up]), ``swiglu_bwd(dy, x) -> dx``.
 """
 import importlib
-import logging
 import os
 
 import torch
 
 from instella_plugin.kernels import fallback
-
-log = logging.getLogger("instella_plugin.kernels")
 
 SCHEMAS = {
     "rms_norm_fwd": "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
@@ -162,6 +159,7 @@ torch.library.register_autograd("instella::swiglu_fwd", _swiglu_bwd, setup_conte
 def _load(name: str):
     """Import a native extension (its import registers its kernels); None when absent."""
     if os.environ.get("INSTELLA_KERNELS", "all").strip().lower() == "none":
+        fallback.note_missing(name, "INSTELLA_KERNELS=none")
         return None
     try:
         return importlib.import_module(f"instella_plugin.kernels.{name}")
