@@ -27,7 +27,10 @@ What is patched, and why:
 
 Tensor-core fusions (``bias_dropout_fusion``, ``apply_rope_fusion``, ``masked_softmax_fusion``,
 ``gradient_accumulation_fusion``, ``persist_layer_norm``, ``bias_activation_fusion``) must be off in
-the TransformerConfig; ``cpu_safe_config_overrides()`` lists them for config builders.
+the TransformerConfig, and so must ``batch_p2p_comm``: gloo matches point-to-point messages between
+two ranks by posting order and tag (always 0), so a batch that sends and receives both ways between
+the same pair (PP=2, interleaved schedule) can swap equally shaped tensors; megatron's unbatched
+path orders the operations by rank parity. ``cpu_safe_config_overrides()`` lists these settings.
 """
 import contextlib
 import logging
@@ -67,6 +70,7 @@ def cpu_safe_config_overrides() -> dict:
         persist_layer_norm=False,
         bias_activation_fusion=False,
         cross_entropy_loss_fusion=False,
+        batch_p2p_comm=False,
     )
 
 

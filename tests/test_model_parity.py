@@ -121,7 +121,7 @@ def _megatron_worker(cfg, hf, batches, sp_flags, check_init):
 
     results = []
     for sp in sp_flags:
-        tcfg = cfg.transformer_config(tensor_parallel=ps.get_tensor_model_parallel_world_size(),
+        tcfg = cfg.transformer_config(tensor_parallel=ps.get_tensor_model_parallel_world_size(), virtual_pipeline=ps.get_virtual_pipeline_model_parallel_world_size(),
                                       pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
                                       sequence_parallel=sp)
         chunks = build_gpt_chunks(cfg, tcfg, init_seed=7)

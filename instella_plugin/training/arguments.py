@@ -105,6 +105,7 @@ def _data_args(p):
     g.add_argument("--data-cache-path")
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--skip-train", action="store_true", help="load, evaluate on the validation split, exit")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir")
     g.add_argument("--wandb-project")
@@ -194,6 +195,9 @@ def validate_args(args) -> None:
         args.lr_warmup_iters = int(math.ceil(args.lr_warmup_fraction * args.train_iters))
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise SystemExit(f"error: --lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+                         f"{args.lr_decay_iters} (defaults to --train-iters)")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False
     if args.load and args.save and args.load == args.save:

@@ -23,6 +23,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Optimizer state that reshards across DP, TP and PP (the distributed optimizer included).
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "instella_meta.json"
 
@@ -78,10 +80,18 @@ def _barrier():
         torch.distributed.barrier()
 
 
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def model_sharded_state_dict(model_chunks) -> dict:
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
+    """Megatron-LM's layout: ``model`` (or ``model0``, ``model1``... with virtual pipeline stages)."""
+    chunks = [_unwrap(m) for m in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
 
 
 def _rng_sharded_object():
@@ -122,7 +132,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: List[torch.nn.M
     state = model_sharded_state_dict(model_chunks)
     contents = ["model"]
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
         contents.append("optimizer")
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -155,6 +165,24 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: List[torch.nn.M
     return final
 
 
+def _initialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer its (zero) state before a checkpoint is loaded into it.
+
+    With torch's AdamW (megatron's fallback without TE/apex) the distributed optimizer's
+    ``state_dict`` reads Adam's ``step`` from every parameter's state, which a fresh optimizer does
+    not have yet; megatron's own initialiser creates the moments but not the step.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "init_state_fn", None)
+        inner = getattr(opt, "optimizer", None)
+        if init is None or inner is None:
+            continue
+        init(inner, getattr(opt, "config", None))
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+
+
 def load_checkpoint(path: str, model_chunks, *, optimizer=None, scheduler=None, load_rng: bool = True) -> dict:
     """Load what the checkpoint holds into the given objects (collective); return its meta + state.
 
@@ -171,17 +199,15 @@ def load_checkpoint(path: str, model_chunks, *, optimizer=None, scheduler=None, 
         if "optimizer" not in contents:
             raise CheckpointError(f"{ckpt} holds no optimizer state (weights only: {sorted(contents)}); "
                                   "load it with --finetune or --no-load-optim")
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        _initialize_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
     rng = load_rng and "rng" in contents and meta.get("layout", {}).get("tp") == _layout()["tp"] \
         and meta.get("layout", {}).get("pp") == _layout()["pp"]
     if rng:
         state["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(state, ckpt)
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, m in enumerate(model_chunks):
-            m.load_state_dict(loaded[f"model{i}"], strict=True)
+    for i, m in enumerate(model_chunks):
+        _unwrap(m).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:

@@ -120,7 +120,16 @@ def pretrain(args, plugin) -> dict:
                 print(f"saved checkpoint at iteration {it} to {args.save}", flush=True)
 
     exit_reason = None
-    saved_at = None
+    saved_at = iteration if load_path else None
+
+    def final_eval():
+        if valid_ds is not None and args.eval_iters and (args.eval_interval or args.skip_train):
+            progress.eval(iteration, evaluate(model, valid_ds, args, cfg, plugin, 0, dp_rank, dp_size, device))
+
+    if args.skip_train:
+        final_eval()
+        progress.finish()
+        return {"iteration": iteration, "losses": losses}
     while iteration < args.train_iters:
         new_theta = plugin.rope_theta(args, iteration)
         if new_theta is not None and new_theta != theta:
@@ -150,8 +159,8 @@ def pretrain(args, plugin) -> dict:
             losses[iteration] = loss
         progress.step(iteration, loss, optimizer.param_groups[0]["lr"], grad_norm, theta)
 
-        if args.eval_interval and valid_ds is not None and iteration % args.eval_interval == 0:
-            progress.eval(iteration, evaluate(model, valid_ds, args, cfg, plugin, 0, dp_rank, dp_size, device))
+        if args.eval_interval and iteration % args.eval_interval == 0:
+            final_eval()
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save(iteration)
             saved_at = iteration
@@ -159,6 +168,8 @@ def pretrain(args, plugin) -> dict:
         if exit_reason:
             break
 
+    if args.eval_interval and iteration % args.eval_interval:
+        final_eval()  # the end of a run (or an early exit) is always evaluated
     if args.save and saved_at != iteration:
         save(iteration)
     if is_reporting and exit_reason:

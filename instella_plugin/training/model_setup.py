@@ -11,6 +11,8 @@ def wrap_ddp(chunks: List[torch.nn.Module], *, use_distributed_optimizer: bool =
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     config = chunks[0].config
+    # Per-token loss: DDP must sum (not average) grads; finalize_model_grads divides by the token count.
+    config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=overlap_param_gather, use_distributed_optimizer=use_distributed_optimizer,
@@ -22,7 +24,6 @@ def wrap_ddp(chunks: List[torch.nn.Module], *, use_distributed_optimizer: bool =
     ]
     for m in wrapped:
         m.broadcast_params()
-    config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [m.no_sync for m in wrapped]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync

@@ -61,6 +61,9 @@ class Progress:
         if self.report and loss is not None:
             self.history.append((iteration, loss))
         if iteration % self.args.log_interval and iteration != self.args.train_iters:
+            if self.report:  # every step's loss goes to the JSONL (exact-resume checks, plots)
+                self._write({"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm}, iteration,
+                            scalars=False)
             return
         now = time.time()
         steps = iteration - self.last_iter
@@ -93,10 +96,12 @@ class Progress:
         print(f"eval at iteration {iteration} | eval loss {loss:.4f}", flush=True)
         self._write({"iteration": iteration, "eval_loss": loss}, iteration)
 
-    def _write(self, record, iteration):
+    def _write(self, record, iteration, scalars=True):
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+        if not scalars:
+            return
         for k, v in record.items():
             if k != "iteration" and v is not None:
                 if self.tb:

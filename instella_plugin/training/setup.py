@@ -60,6 +60,10 @@ def build_optimizer_and_scheduler(args, model):
     # None: megatron's standard overrides (no decay on biases and 1-D params); {}: decay everything.
     overrides = None if (args.wd_exempt_1d or not getattr(args, "decay_all_params", False)) else {}
     optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
+    if args.use_distributed_optimizer:
+        from instella_plugin.megatron_fixes import fix_distributed_optimizer_step_on_load
+
+        fix_distributed_optimizer_step_on_load()
     gbs = args.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
