@@ -24,7 +24,7 @@ and the trainer read it like their own.
 import io
 import os
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -52,6 +52,18 @@ class MegatronFormatError(ValueError):
     pass
 
 
+def add_scaled_(acc: torch.Tensor, x: torch.Tensor, weight: float, block_bytes: int = 16 << 20) -> None:
+    """``acc += weight * x`` in acc's dtype. A mixed-dtype in-place add on CPU casts the whole input to
+    acc's dtype first (a full temporary); this goes block by block, so the temporary stays small."""
+    if x.dtype == acc.dtype:
+        acc.add_(x, alpha=weight)
+        return
+    a, b = acc.reshape(-1), x.contiguous().reshape(-1)
+    step = max(1, block_bytes // acc.element_size())
+    for start in range(0, a.numel(), step):
+        a[start:start + step].add_(b[start:start + step], alpha=weight)
+
+
 class _CachedReader(FileSystemReader):
     """A reader that unpickles the checkpoint's ``.metadata`` once."""
 
@@ -69,19 +81,41 @@ def _narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> 
     return t
 
 
-class _RegionPlanner(LoadPlanner):
-    """Load plan for one region (``offsets`` + ``target.shape``) of one checkpoint tensor."""
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of ``length`` bytes at ``offset`` of an open file (one stored item)."""
 
-    def __init__(self, fqn: str, offsets: Sequence[int], target: torch.Tensor):
-        self.fqn, self.offsets, self.target = fqn, tuple(offsets), target
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.start, self.length, self.pos = f, offset, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence] + pos
+        return self.pos
+
+    def readinto(self, buf):
+        n = max(0, min(len(buf), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(buf)[:n]) if n else 0
+        self.pos += got
+        return got
+
+
+class _BytesPlanner(LoadPlanner):
+    """Load plan for one stored object (raw bytes, not unpickled)."""
+
+    def __init__(self, fqn: str):
+        self.fqn, self.data = fqn, None
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator=False, **kwargs):
         self.metadata = metadata
-
-    def create_local_plan(self):
-        md = self.metadata.state_dict_metadata[self.fqn]
-        chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.target.shape)
-        return LoadPlan(create_read_items_for_chunk_list(self.fqn, md, [chunk]))
 
     def create_global_plan(self, global_plan):
         return global_plan
@@ -89,21 +123,11 @@ class _RegionPlanner(LoadPlanner):
     def finish_plan(self, central_plan):
         return central_plan
 
-    def load_bytes(self, read_item, value):
-        raise MegatronFormatError(f"{self.fqn} is stored as an object, not a tensor")
-
     def resolve_tensor(self, read_item):
-        return _narrow(self.target, read_item.dest_offsets, read_item.lengths)
+        raise MegatronFormatError(f"{self.fqn} is stored as a tensor, not an object")
 
     def commit_tensor(self, read_item, tensor):
         pass
-
-
-class _BytesPlanner(_RegionPlanner):
-    """Load plan for one stored object (raw bytes, not unpickled)."""
-
-    def __init__(self, fqn: str):
-        self.fqn, self.data = fqn, None
 
     def create_local_plan(self):
         index = MetadataIndex(self.fqn)
@@ -168,20 +192,59 @@ class MegatronCheckpoint:
     def unit_shape(self, key: str, layer: Optional[int]) -> Tuple[int, ...]:
         return self.shape(key)[1:] if layer is not None else self.shape(key)
 
-    def read(self, key: str, layer: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """One stored tensor (or one layer of a stacked one) as a full global tensor."""
-        from torch.distributed.checkpoint import load
-
-        if key not in self.tensors:
-            raise KeyError(f"{self.dir} has no model tensor {key!r}")
+    def _region(self, key: str, layer: Optional[int]):
         shape = self.shape(key)
         if layer is None:
-            target, offsets = torch.empty(shape, dtype=dtype or self.dtype(key)), (0,) * len(shape)
-        else:
-            target = torch.empty((1,) + shape[1:], dtype=dtype or self.dtype(key))
-            offsets = (layer,) + (0,) * (len(shape) - 1)
-        load({}, storage_reader=self.reader, planner=_RegionPlanner(key, offsets, target), no_dist=True)
+            return (0,) * len(shape), shape
+        return (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:]
+
+    def pieces(self, key: str, layer: Optional[int] = None) -> Iterator[Tuple[Tuple[slice, ...], torch.Tensor]]:
+        """(index into the region, stored data) for every saved chunk overlapping one region.
+
+        Each chunk is deserialised from its own byte range of the ``.distcp`` file and yielded as is
+        (narrowed, not copied), so a caller that consumes pieces in place (``read`` when one chunk
+        covers the region, ``accumulate``) holds one chunk at a time.
+        """
+        if key not in self.tensors:
+            raise KeyError(f"{self.dir} has no model tensor {key!r}")
+        offsets, sizes = self._region(key, layer)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        storage = self.reader.read_metadata().storage_data
+        for item in create_read_items_for_chunk_list(key, self.tensors[key], [chunk]):
+            info = storage[item.storage_index]
+            if getattr(info, "transform_descriptors", None):
+                raise MegatronFormatError(f"{self.dir}: {key} is stored with transforms "
+                                          f"{info.transform_descriptors}, which this reader does not decode")
+            with open(os.path.join(self.dir, info.relative_path), "rb") as f:
+                data = torch.load(_Window(f, info.offset, info.length), map_location="cpu", weights_only=True)
+            data = _narrow(data, item.storage_offsets, item.lengths)
+            index = tuple(slice(int(o), int(o) + int(n)) for o, n in zip(item.dest_offsets, item.lengths))
+            yield index, data
+            del data
+
+    def read(self, key: str, layer: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One stored tensor (or one layer of a stacked one) as a full global tensor."""
+        _, sizes = self._region(key, layer)
+        dtype = dtype or self.dtype(key)
+        target = None
+        for index, data in self.pieces(key, layer):
+            if target is None and tuple(data.shape) == tuple(sizes):  # one chunk covers the region
+                target = data.to(dtype).contiguous()
+                break
+            if target is None:
+                target = torch.empty(sizes, dtype=dtype)
+            target[index].copy_(data)
         return target[0] if layer is not None else target
+
+    def accumulate(self, acc: torch.Tensor, key: str, layer: Optional[int], weight: float) -> None:
+        """``acc += weight * region`` chunk by chunk (acc has the region's shape without a layer axis)."""
+        view = acc.unsqueeze(0) if layer is not None else acc
+        for index, data in self.pieces(key, layer):
+            target = view[index]
+            if target.is_contiguous():
+                add_scaled_(target, data, weight)
+            else:
+                target.add_(data, alpha=weight)
 
     def read_object(self, key: str) -> bytes:
         """A stored model object (e.g. a linear's ``_extra_state``) as its serialized bytes."""
@@ -192,20 +255,30 @@ class MegatronCheckpoint:
         return planner.data
 
     # ---- logical parameters: decoder.layers.{global i}.<suffix> ---------------------------------------
-    def read_param(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def _locate(self, name: str) -> List[Tuple[str, Optional[int]]]:
+        """Stored (key, layer) parts of a parameter, in dim-0 order (two for a split SwiGLU fc1)."""
         m = _PER_LAYER.match(name)
-        if not m:
-            return self.read(name, dtype=dtype)
-        i, suffix = int(m.group(1)), m.group(2)
         if name in self.tensors:
-            return self.read(name, dtype=dtype)
-        if name + "_w" in self.tensors:  # singleton_local_shards SwiGLU: gate (w) and up (v) apart
-            return torch.cat([self.read(name + "_w", dtype=dtype), self.read(name + "_v", dtype=dtype)])
-        stacked = f"decoder.layers.{suffix}"
+            return [(name, None)]
+        if m and name + "_w" in self.tensors:  # singleton_local_shards SwiGLU: gate (w) and up (v) apart
+            return [(name + "_w", None), (name + "_v", None)]
+        stacked = f"decoder.layers.{m.group(2)}" if m else None
         if stacked in self.tensors and self.is_stacked(stacked):
-            return self.read(stacked, i, dtype=dtype)
+            return [(stacked, int(m.group(1)))]
         raise MegatronFormatError(f"{self.dir} has no tensor for {name} (looked for {name}, {name}_w/_v and "
                                   f"the stacked {stacked})")
+
+    def read_param(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        parts = [self.read(k, layer, dtype=dtype) for k, layer in self._locate(name)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def accumulate_param(self, acc: torch.Tensor, name: str, weight: float) -> None:
+        """``acc += weight * parameter`` without materialising the parameter (one stored chunk at a time)."""
+        at = 0
+        for key, layer in self._locate(name):
+            n = self.unit_shape(key, layer)[0]
+            self.accumulate(acc[at:at + n], key, layer, weight)
+            at += n
 
     def param_shape(self, name: str) -> Tuple[int, ...]:
         m = _PER_LAYER.match(name)
@@ -277,12 +350,15 @@ class _LazySavePlanner(DefaultSavePlanner):
 
 def write_dist_checkpoint(out_dir: str, layout: Dict[str, Tuple[int, ...]], dtypes: Dict[str, torch.dtype],
                           stacked: Sequence[str], produce: Callable[[str, Optional[int]], torch.Tensor],
-                          common: Optional[dict] = None, objects: Optional[Dict[str, bytes]] = None) -> None:
+                          common: Optional[dict] = None, objects: Optional[Dict[str, bytes]] = None,
+                          borrowed: Sequence[str] = ()) -> None:
     """Write a megatron torch_dist checkpoint into the (empty) ``out_dir``.
 
     ``layout`` maps keys to global shapes; keys in ``stacked`` are written one chunk per layer
     (``produce(key, i)`` returns layer i, without the layer axis), others whole (``produce(key, None)``).
     ``objects`` are stored model objects (key -> serialized bytes), e.g. ``extra_state_objects``.
+    Each produced tensor must be fresh memory (its storage is released once written) unless its key is
+    listed in ``borrowed``.
     """
     from torch.distributed.checkpoint import save
 
@@ -294,9 +370,20 @@ def write_dist_checkpoint(out_dir: str, layout: Dict[str, Tuple[int, ...]], dtyp
         else:
             chunks.append((key, size, dtypes[key], (0,) * len(size), tuple(size)))
 
+    last = []
+
     def resolve(key, offsets):
+        # torch's serial writer keeps a reference to the previous chunk while it asks for the next one;
+        # that chunk is on disk by now and was made here, so its memory is released before producing
+        if last:
+            try:
+                last.pop().untyped_storage().resize_(0)
+            except RuntimeError:  # storage not resizable (e.g. shared with numpy): freed when dropped
+                pass
         layer = offsets[0] if key in stacked else None
         t = produce(key, layer).to(dtypes[key]).contiguous()
+        if key not in borrowed:
+            last.append(t)
         return t.unsqueeze(0) if layer is not None else t
 
     writer = FileSystemWriter(out_dir, single_file_per_rank=True, sync_files=True, thread_count=1,

@@ -21,6 +21,7 @@ import torch
 
 from instella_plugin.hf import formats
 from instella_plugin.hf.formats import CheckpointMismatch
+from instella_plugin.hf.megatron_io import add_scaled_
 from instella_plugin.hf.outputs import atomic_output, check_output, write_json
 
 RECORD = "instella_merge.json"
@@ -82,7 +83,7 @@ def mean_tensor(read: Callable[[int], torch.Tensor], weights: Sequence[float], d
             if w != 1.0:
                 acc.mul_(w)
         else:
-            acc.add_(x, alpha=w)  # mixed-dtype in-place add: computed in fp32, no fp32 copy of x
+            add_scaled_(acc, x, w)
         del x
     acc.div_(sum(weights))
     return acc if dtype == torch.float32 else acc.to(dtype)
@@ -139,7 +140,11 @@ def merge_megatron(paths, out, weights, dtype=None, overwrite=False) -> str:
 
     def produce(key, layer):
         name = key if layer is None else f"decoder.layers.{layer}.{key[len('decoder.layers.'):]}"
-        return mean_tensor(lambda i: cks[i].read_param(name), weights, dtype)
+        acc = torch.zeros(cks[0].param_shape(name), dtype=torch.float32)
+        for ck, w in zip(cks, weights):
+            ck.accumulate_param(acc, name, w)  # chunk by chunk: no copy of the input tensor
+        acc.div_(sum(weights))
+        return acc if dtype == torch.float32 else acc.to(dtype)
 
     iterations = {m.get("iteration") for m in metas}
     iteration = iterations.pop() if len(iterations) == 1 and None not in iterations else 0

@@ -10,6 +10,7 @@ tensors as they are produced; only the tensor being written is in memory. Multi-
 ``model.safetensors.index.json`` in the Hugging Face layout. The caller writes into a temporary
 directory and publishes it (see ``outputs.py``).
 """
+import ctypes
 import json
 import os
 import struct
@@ -115,7 +116,8 @@ class SafetensorsDir:
         buf = torch.empty(end - begin, dtype=torch.uint8)
         with open(file, "rb", buffering=0) as f:
             f.seek(start + begin)
-            view, got = memoryview(buf.numpy()), 0
+            # a ctypes window on the tensor's memory (a numpy view would pin the storage's size)
+            view, got = memoryview((ctypes.c_char * (end - begin)).from_address(buf.data_ptr())).cast("B"), 0
             while got < len(view):
                 n = f.readinto(view[got:])
                 if not n:
