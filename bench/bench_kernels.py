@@ -4,8 +4,9 @@ For each kernel (RMSNorm, full-width QK-norm + RoPE, SwiGLU), dtype and Instella
 of --reps, after warm-up) the forward and the forward+backward of: the fused op, the eager PyTorch
 reference (what the ``instella`` spec runs), and ``torch.compile`` of that reference, all in this run. It prints time, effective GB/s
 (minimum bytes each pass must move), the fused speed-up over each baseline, and the fraction of this
-machine's copy bandwidth (``dst.copy_(src)`` on a tensor larger than the last-level cache, measured
-here too). Results are appended to bench/results/kernels.json and plotted to bench/results/kernels.png.
+machine's copy bandwidth, measured here on 256 MiB (larger than the last-level cache) both as
+``dst.copy_(src)`` into a preallocated tensor (%copy) and as ``src.clone()`` (%clone), which, like
+every out-of-place op, pays for allocating and first-touching its output. Results are appended to bench/results/kernels.json and plotted to bench/results/kernels.png.
 
     python bench/bench_kernels.py                 # full: 4096 and 16384 tokens, fp32 and bf16
     python bench/bench_kernels.py --quick         # 4096 tokens, fp32 only
@@ -75,10 +76,13 @@ def timed(fn, device, reps, warmup=3):
 
 
 def copy_bandwidth(device, nbytes=256 << 20):
+    """(GB/s of dst.copy_(src) into a preallocated tensor, GB/s of src.clone()): the second pays for
+    allocating and first-touching its output, as every out-of-place op does."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), device, reps=10)
-    return 2 * nbytes / t / 1e9
+    t_copy = timed(lambda: dst.copy_(src), device, reps=10)
+    t_clone = timed(lambda: src.clone(), device, reps=10)
+    return 2 * nbytes / t_copy / 1e9, 2 * nbytes / t_clone / 1e9
 
 
 def cases(device, dtype, tokens):
@@ -175,12 +179,12 @@ def main(argv=None):
     dev = a.device
     if a.threads:
         torch.set_num_threads(a.threads)
-    copy_gbs = copy_bandwidth(dev)
+    copy_gbs, clone_gbs = copy_bandwidth(dev)
     alloc = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     print(f"device {dev}, backend {K.backend(dev)}, threads {torch.get_num_threads()}, "
-          f"copy bandwidth {copy_gbs:.1f} GB/s, THP_MEM_ALLOC_ENABLE={alloc}")
+          f"copy bandwidth {copy_gbs:.1f} GB/s (clone {clone_gbs:.1f} GB/s), THP_MEM_ALLOC_ENABLE={alloc}")
     hdr = (f"{'kernel':13s} {'dtype':8s} {'tokens':>6s} {'pass':7s} {'fused ms':>9s} {'GB/s':>7s} "
-           f"{'%copy':>6s} {'eager ms':>9s} {'x eager':>8s} {'compile ms':>10s} {'x compile':>9s}")
+           f"{'%copy':>6s} {'%clone':>6s} {'eager ms':>9s} {'x eager':>8s} {'compile ms':>10s} {'x compile':>9s}")
     print(hdr)
     rows = []
     for dtype_name in dtypes:
@@ -194,7 +198,7 @@ def main(argv=None):
                     tc = run_case(compiled, args, bwd, dev, a.reps) if compiled else float("nan")
                     gbs = (b_all if bwd else b_fwd) / tf / 1e9
                     r = dict(kernel=name, dtype=dtype_name, tokens=t, bwd=bwd, fused_ms=tf * 1e3,
-                             eager_ms=te * 1e3, compile_ms=tc * 1e3, gbs=gbs, frac_copy=gbs / copy_gbs,
+                             eager_ms=te * 1e3, compile_ms=tc * 1e3, gbs=gbs, frac_copy=gbs / copy_gbs, frac_clone=gbs / clone_gbs,
                              x_eager=te / tf, x_compile=tc / tf)
                     for lib, lib_fn in library_baselines(dev, name).items():
                         try:
@@ -203,7 +207,8 @@ def main(argv=None):
                             print(f"  ({lib} baseline failed: {type(e).__name__}: {str(e)[:120]})")
                     rows.append(r)
                     print(f"{name:13s} {dtype_name:8s} {t:6d} {'fwd+bwd' if bwd else 'fwd':7s} "
-                          f"{r['fused_ms']:9.2f} {gbs:7.1f} {100 * r['frac_copy']:5.0f}% {r['eager_ms']:9.2f} "
+                          f"{r['fused_ms']:9.2f} {gbs:7.1f} {100 * r['frac_copy']:5.0f}% {100 * r['frac_clone']:5.0f}% "
+                          f"{r['eager_ms']:9.2f} "
                           f"{r['x_eager']:8.2f} {r['compile_ms']:10.2f} {r['x_compile']:9.2f}"
                           + "".join(f"  x {k[2:]} {v:.2f}" for k, v in r.items() if k[2:] in ("liger", "apex", "te")),
                           flush=True)
@@ -211,7 +216,7 @@ def main(argv=None):
                   device_name=(torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
                                or platform.machine()),
                   torch=torch.__version__, threads=torch.get_num_threads(), backend=K.backend(dev),
-                  copy_gbs=copy_gbs, thp_mem_alloc=alloc, rows=rows)
+                  copy_gbs=copy_gbs, clone_gbs=clone_gbs, thp_mem_alloc=alloc, rows=rows)
     append_json(a.out, record)
     plot(a.out, record, os.path.splitext(a.out)[0] + (".png" if dev == "cpu" else f"_{dev}.png"))
     return record
