@@ -1,7 +1,8 @@
 """Benchmark the fused kernels against PyTorch eager and torch.compile of the same reference.
 
 For each kernel (RMSNorm, full-width QK-norm + RoPE, SwiGLU), dtype and Instella shape it times (best
-of --reps, after warm-up) the forward and the forward+backward of: the fused op, the eager PyTorch
+of --reps rounds, each round running every implementation once, so other load on a shared machine
+falls on all alike) the forward and the forward+backward of: the fused op, the eager PyTorch
 reference (what the ``instella`` spec runs), and ``torch.compile`` of that reference, all in this run. It prints time, effective GB/s
 (minimum bytes each pass must move), the fused speed-up over each baseline, and the fraction of this
 machine's copy bandwidth, measured here on 256 MiB (larger than the last-level cache) both as
@@ -63,16 +64,8 @@ def _sync(device):
 
 
 def timed(fn, device, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)  # best of reps: the machine is shared, and other load only ever adds time
+    """Best time of fn over reps calls (a shared machine's other load only ever adds time)."""
+    return timed_interleaved({"fn": fn}, device, reps, warmup)["fn"]
 
 
 def copy_bandwidth(device, nbytes=256 << 20):
@@ -148,16 +141,36 @@ def library_baselines(device, kernel):
     return out
 
 
-def run_case(fn, args, bwd, device, reps):
+def make_step(fn, args, bwd):
+    """A call of fn (forward only, or forward + backward w.r.t. every input) to time."""
     if not bwd:
-        with torch.no_grad():
-            return timed(lambda: fn(*args), device, reps)
+        def fwd():
+            with torch.no_grad():
+                fn(*args)
+        return fwd
     leaves = [a.detach().requires_grad_(True) for a in args]
     dy = torch.randn_like(fn(*leaves))
 
-    def step():
+    def fwd_bwd():
         torch.autograd.grad(fn(*leaves), leaves, dy)
-    return timed(step, device, reps)
+    return fwd_bwd
+
+
+def timed_interleaved(steps, device, reps, warmup=2):
+    """Best time of each step over reps rounds; each round runs every step once, so load from other
+    processes on a shared machine falls on all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(reps):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def main(argv=None):
@@ -193,18 +206,23 @@ def main(argv=None):
             for name, fused, ref, args, b_fwd, b_all in cases(dev, dtype, t):
                 compiled = None if a.no_compile else torch.compile(ref, dynamic=False)
                 for bwd in (False, True):
-                    tf = run_case(fused, args, bwd, dev, a.reps)
-                    te = run_case(ref, args, bwd, dev, a.reps)
-                    tc = run_case(compiled, args, bwd, dev, a.reps) if compiled else float("nan")
-                    gbs = (b_all if bwd else b_fwd) / tf / 1e9
-                    r = dict(kernel=name, dtype=dtype_name, tokens=t, bwd=bwd, fused_ms=tf * 1e3,
-                             eager_ms=te * 1e3, compile_ms=tc * 1e3, gbs=gbs, frac_copy=gbs / copy_gbs, frac_clone=gbs / clone_gbs,
-                             x_eager=te / tf, x_compile=tc / tf)
+                    steps = {"fused": make_step(fused, args, bwd), "eager": make_step(ref, args, bwd)}
+                    if compiled:
+                        steps["compile"] = make_step(compiled, args, bwd)
                     for lib, lib_fn in library_baselines(dev, name).items():
                         try:
-                            r[f"x_{lib}"] = run_case(lib_fn, args, bwd, dev, a.reps) / tf
+                            steps[lib] = make_step(lib_fn, args, bwd)
+                            steps[lib]()
                         except Exception as e:  # noqa: BLE001  (an optional baseline; say why it is absent)
+                            steps.pop(lib, None)
                             print(f"  ({lib} baseline failed: {type(e).__name__}: {str(e)[:120]})")
+                    best = timed_interleaved(steps, dev, a.reps)
+                    tf, te, tc = best["fused"], best["eager"], best.get("compile", float("nan"))
+                    gbs = (b_all if bwd else b_fwd) / tf / 1e9
+                    r = dict(kernel=name, dtype=dtype_name, tokens=t, bwd=bwd, fused_ms=tf * 1e3,
+                             eager_ms=te * 1e3, compile_ms=tc * 1e3, gbs=gbs, frac_copy=gbs / copy_gbs,
+                             frac_clone=gbs / clone_gbs, x_eager=te / tf, x_compile=tc / tf)
+                    r.update({f"x_{k}": v / tf for k, v in best.items() if k not in ("fused", "eager", "compile")})
                     rows.append(r)
                     print(f"{name:13s} {dtype_name:8s} {t:6d} {'fwd+bwd' if bwd else 'fwd':7s} "
                           f"{r['fused_ms']:9.2f} {gbs:7.1f} {100 * r['frac_copy']:5.0f}% {100 * r['frac_clone']:5.0f}% "
