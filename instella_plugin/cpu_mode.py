@@ -22,6 +22,8 @@ What is patched, and why:
 5. A global ``TorchFunctionMode`` rewrites ``device="cuda"`` (or ``cuda:N``, an int index, a
    ``torch.device('cuda')``) in factory calls, and ``.cuda()`` / ``.to("cuda")``, to the CPU: megatron
    hard-codes ``device="cuda"`` in token counting, p2p shape exchange, grad buffers and clipping.
+   The same mode drops ``pin_memory=True`` (a CPU-only torch rejects it; megatron asks for it when
+   slicing RoPE tables for context parallelism).
 6. ``torch.distributed`` collectives accept a ``device_ids`` argument in ``barrier`` that gloo rejects:
    ``barrier(device_ids=...)`` drops it.
 
@@ -109,8 +111,11 @@ class _CudaToCpuMode(TorchFunctionMode):
             if caller.startswith("megatron.core.optimizer"):
                 return _CUDA_TYPE_NAMES.get(name, name)
             return name
-        elif "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = dict(kwargs, device=_CPU)
+        else:
+            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+                kwargs = dict(kwargs, device=_CPU)
+            if kwargs.get("pin_memory"):
+                kwargs = dict(kwargs, pin_memory=False)
         return func(*args, **kwargs)
 
 

@@ -9,8 +9,15 @@ condition under which it applies, and why.
    groups first, then copies every key of the parameter's state from the checkpoint tensors, which
    do not carry ``step`` (it is kept per group) -> ``KeyError: 'step'``. The fix copies the keys the
    checkpoint has and leaves the already-restored ``step`` alone.
+2. ``DistributedOptimizer.load_state_dict`` (same condition) assigns *one* ``step`` tensor to the
+   state of every parameter; torch's AdamW increments each parameter's step in place, so after a
+   load the shared step advances once per parameter per iteration (bias corrections go wrong and
+   resume is not exact). ``unshare_adam_steps(optimizer)``, called after every load, gives each
+   parameter its own copy.
 """
 import functools
+
+import torch
 
 _APPLIED = set()
 
@@ -38,6 +45,16 @@ def fix_distributed_optimizer_step_on_load() -> bool:
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     _APPLIED.add("dist_opt_step")
     return True
+
+
+def unshare_adam_steps(optimizer) -> None:
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def apply_all() -> list:

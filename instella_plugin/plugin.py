@@ -82,11 +82,33 @@ class InstellaPlugin(GPTPlugin):
             args.checkpoint_model = meta.get("model")
         try:
             cfg = self.model_config(args)
+            cfg.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None,
+                         args.context_parallel_size)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         for flag in _MODEL_FLAGS:
             setattr(args, flag, getattr(cfg, flag))
         args.max_position_embeddings = args.max_position_embeddings or cfg.seq_length
+        from instella_plugin.rope.schedule import RopeSchedule
+
+        try:
+            args.rope = RopeSchedule.parse(args.rope_schedule, args.rotary_base)
+        except ValueError as e:
+            raise SystemExit(f"error: --rope-schedule: {e}")
+        if args.context_parallel_size > 1:
+            from instella_plugin.model.context_parallel import check_cp_layout
+
+            if args.cp_comm_type != "a2a" and args.transformer_impl == "local":
+                raise SystemExit(f"error: --cp-comm-type {args.cp_comm_type} needs Transformer Engine; the local "
+                                 "backend implements a2a (Ulysses) context parallelism")
+            try:
+                check_cp_layout(cfg.seq_length, args.context_parallel_size,
+                                cfg.num_attention_heads // args.tensor_model_parallel_size,
+                                cfg.num_query_groups // args.tensor_model_parallel_size)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
+        if args.mock_data:  # --mock-data replaces the recipe's blend (dry runs of a recipe)
+            args.data_blend = None
         args.has_plugin_data = bool(args.data_blend)
         if args.data_blend and not args.data_root:
             raise SystemExit("error: --data-blend needs --data-root (the directory its prefixes are relative to)")
@@ -176,13 +198,43 @@ class InstellaPlugin(GPTPlugin):
             out.append(WeightedSamples(sets, b[1], num_samples[i]))
         return tuple(out)
 
+    def batch_hook(self, args, batch):
+        """Document boundaries for packed sequences, then this context-parallel rank's slice."""
+        if args.packed_documents:
+            from instella_plugin.model.packed_attention import packed_seq_params_from_tokens
+
+            batch["packed_seq_params"] = packed_seq_params_from_tokens(batch["tokens"], 0)
+        if args.context_parallel_size > 1:
+            from instella_plugin.model.context_parallel import batch_for_cp_rank
+
+            batch = batch_for_cp_rank(batch)
+        return batch
+
     # ---- RoPE, checkpoints ---------------------------------------------------------------------------
-    def checkpoint_meta(self, args) -> dict:
-        return {"spec": self.spec_name(args), "rotary_base": float(args.rotary_base), "seq_length": args.seq_length,
+    def rope_theta(self, args, iteration: int):
+        return args.rope.theta_at(iteration)
+
+    def apply_rope_theta(self, model_chunks, theta: float) -> None:
+        from instella_plugin.rope.apply import set_rotary_base
+
+        set_rotary_base(model_chunks, theta)
+
+    def checkpoint_meta(self, args, iteration: int = 0) -> dict:
+        from instella_plugin.rope.apply import rope_meta
+
+        meta = {"spec": self.spec_name(args), "rotary_base": float(args.rotary_base), "seq_length": args.seq_length,
                 "tokenizer": args.tokenizer_model or "instella",
                 "recipe": args.recipe["name"] if args.recipe else None}
+        meta.update(rope_meta(args.rope.theta_at(max(iteration - 1, 0)), max(iteration - 1, 0), args.rope.describe()))
+        return meta
 
     def check_resume(self, args, meta: dict) -> None:
+        from instella_plugin.rope.apply import theta_on_resume
+
+        try:
+            theta_on_resume(meta, args.rope, meta.get("iteration", 0), args.override_rope_theta)
+        except ValueError as e:
+            raise SystemExit(f"error: --load {args.load}: {e}")
         saved = meta.get("model")
         if saved and not args.use_checkpoint_args:
             cfg = self.model_config(args)

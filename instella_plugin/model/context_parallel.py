@@ -138,31 +138,3 @@ def sum_over_dp_cp(t: torch.Tensor) -> torch.Tensor:
     if group.size() > 1:
         torch.distributed.all_reduce(t, group=group)
     return t
-
-
-def allow_cpu_pin_memory() -> None:
-    """CPU mode only: make ``pin_memory=True`` in factory calls a no-op (idempotent).
-
-    megatron's ``get_pos_emb_on_this_cp_rank`` builds its index with ``pin_memory=True``, which a
-    CPU-only torch rejects. This is the one CPU-mode addition CP needs; it is entered only when the
-    CPU mode is on (never with a GPU).
-    """
-    global _PIN_MODE
-    from instella_plugin import cpu_mode
-
-    if _PIN_MODE is not None or not cpu_mode.is_enabled():
-        return
-    from torch.overrides import TorchFunctionMode
-
-    class _NoPinMemory(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if kwargs.get("pin_memory"):
-                kwargs = dict(kwargs, pin_memory=False)
-            return func(*args, **kwargs)
-
-    _PIN_MODE = _NoPinMemory()
-    _PIN_MODE.__enter__()
-
-
-_PIN_MODE = None

@@ -32,7 +32,6 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from instella_plugin.model.context_parallel import (
-    allow_cpu_pin_memory,
     check_cp_layout,
     heads_to_sequence,
     sequence_to_heads,
@@ -136,7 +135,6 @@ class InstellaDotProductAttention(DotProductAttention):
         if cp_size > 1:
             check_cp_layout(2 * cp_size, cp_size, self.num_attention_heads_per_partition,
                             self.num_query_groups_per_partition)
-            allow_cpu_pin_memory()
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: Optional[PackedSeqParams] = None):

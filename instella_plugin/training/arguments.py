@@ -84,6 +84,8 @@ def _checkpoint_args(p):
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
+    g.add_argument("--pretrained-checkpoint", help="start a new run from this checkpoint when --load/--save holds none "
+                   "(stage 2 from stage 1, SFT from the merged model); the recipe says what is kept")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration, optimizer, scheduler")
@@ -200,9 +202,11 @@ def validate_args(args) -> None:
                          f"{args.lr_decay_iters} (defaults to --train-iters)")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False
-    if args.load and args.save and args.load == args.save:
-        pass  # the auto-resume idiom: an empty directory starts from scratch (checkpointing.py)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu or auto")
+    if args.data_path:
+        from instella_plugin.training.datasets import _check_prefixes, _split_blend
+
+        _check_prefixes(_split_blend(args.data_path)[0])
     if not (args.mock_data or args.data_path or args.per_split_data_args_path or getattr(args, "has_plugin_data", False)):
         raise SystemExit("error: no training data: pass --data-path, --per-split-data-args-path or --mock-data")

@@ -183,11 +183,14 @@ def _initialize_optimizer_state(optimizer) -> None:
                 inner.state[p].setdefault("step", torch.tensor(0.0))
 
 
-def load_checkpoint(path: str, model_chunks, *, optimizer=None, scheduler=None, load_rng: bool = True) -> dict:
+def load_checkpoint(path: str, model_chunks, *, optimizer=None, scheduler=None, load_rng: bool = True,
+                    new_run: bool = False) -> dict:
     """Load what the checkpoint holds into the given objects (collective); return its meta + state.
 
     ``optimizer=None`` / ``scheduler=None`` skip those parts. RNG state is restored only when the
-    parallel layout matches the one that saved it.
+    parallel layout matches the one that saved it. ``new_run`` (stage 2 from stage 1): the optimizer
+    keeps its loaded moments and step count but the param groups' ``max_lr``/``min_lr`` stay this
+    run's, not the checkpoint's (megatron stores them per group and the scheduler reads them).
     """
     from megatron.core import dist_checkpointing
 
@@ -209,7 +212,14 @@ def load_checkpoint(path: str, model_chunks, *, optimizer=None, scheduler=None, 
     for i, m in enumerate(model_chunks):
         _unwrap(m).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"], strict=True)
     if optimizer is not None:
+        from instella_plugin.megatron_fixes import unshare_adam_steps
+
+        fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(loaded["optimizer"])
+        unshare_adam_steps(optimizer)
+        if new_run:
+            for group, values in zip(optimizer.param_groups, fresh):
+                group.update(values)
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if rng:

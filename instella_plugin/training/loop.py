@@ -68,7 +68,7 @@ def pretrain(args, plugin) -> dict:
     cfg = plugin.model_config(args)
     cfg.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                  args.virtual_pipeline_size, args.context_parallel_size)
-    load_path = resolve_load(args, plugin)  # errors on a bad --load before the model is built
+    load_path, starts_new_run = resolve_load(args, plugin)  # errors on a bad --load before building
     tcfg = cfg.transformer_config(
         tensor_parallel=args.tensor_model_parallel_size, pipeline_parallel=args.pipeline_model_parallel_size,
         virtual_pipeline=args.virtual_pipeline_size, context_parallel=args.context_parallel_size,
@@ -87,19 +87,19 @@ def pretrain(args, plugin) -> dict:
 
     iteration, consumed = 0, 0
     if load_path:
-        reset = args.finetune or args.reset_iteration
+        finetune = starts_new_run and args.finetune
+        reset = finetune or (starts_new_run and args.reset_iteration)
         meta = checkpointing.load_checkpoint(
-            load_path, model,
-            optimizer=None if (args.finetune or args.no_load_optim) else optimizer,
-            scheduler=None if reset else scheduler, load_rng=not (reset or args.no_load_rng))
+            load_path, model, optimizer=None if (finetune or args.no_load_optim) else optimizer,
+            scheduler=None if reset else scheduler, load_rng=not (reset or args.no_load_rng), new_run=reset)
         if not reset:
             iteration, consumed = meta["iteration"], meta["consumed_samples"]
+        else:  # the optimizer's LR/WD come from the fresh scheduler, not from the loaded param groups
+            scheduler.step(0)
         if torch.distributed.get_rank() == 0:
-            print(f"loaded checkpoint {load_path} (iteration {meta['iteration']}); "
-                  f"{'starting at iteration 0' if reset else f'resuming at iteration {iteration}'}", flush=True)
-    if args.reset_iteration and load_path:
-        # The optimizer's LR/WD come from the fresh scheduler, not from the loaded param groups.
-        scheduler.step(0)
+            how = ("weights only, " if finetune else "") + (
+                "starting at iteration 0" if reset else f"resuming at iteration {iteration}")
+            print(f"loaded checkpoint {load_path} (iteration {meta['iteration']}); {how}", flush=True)
 
     dp_rank = ps.get_data_parallel_rank()
     dp_size = ps.get_data_parallel_world_size()
@@ -115,7 +115,7 @@ def pretrain(args, plugin) -> dict:
         if args.save:
             checkpointing.save_checkpoint(
                 args.save, it, model, cfg, optimizer=optimizer, scheduler=scheduler, consumed_samples=consumed,
-                extra_meta=dict(plugin.checkpoint_meta(args), args=_plain_args(args)))
+                extra_meta=dict(plugin.checkpoint_meta(args, it), args=_plain_args(args)))
             if torch.distributed.get_rank() == 0:
                 print(f"saved checkpoint at iteration {it} to {args.save}", flush=True)
 

@@ -83,7 +83,7 @@ class GPTPlugin:
     def apply_rope_theta(self, model_chunks, theta: float) -> None:
         """Make every rotary table use ``theta`` (called when ``rope_theta`` changes)."""
 
-    def checkpoint_meta(self, args) -> dict:
+    def checkpoint_meta(self, args, iteration: int = 0) -> dict:
         return {}
 
     def check_resume(self, args, meta: dict) -> None:

@@ -74,18 +74,36 @@ def build_optimizer_and_scheduler(args, model):
 
 
 def resolve_load(args, plugin):
-    """The checkpoint to load, None to start from scratch; errors on a bad ``--load`` before building."""
-    if not args.load:
-        return None
-    if args.save and os.path.abspath(args.load) == os.path.abspath(args.save) and (
-            not os.path.isdir(args.load) or checkpointing.latest_iteration(args.load) is None):
-        if torch.distributed.get_rank() == 0:
-            print(f"--load {args.load} holds no checkpoint yet: starting from scratch", flush=True)
-        return None
+    """(checkpoint to load or None, whether it starts a new run) -- errors on a bad path before building.
+
+    ``--load`` equal to ``--save`` is the auto-resume idiom of batch jobs: an empty directory starts
+    from scratch (or from ``--pretrained-checkpoint``), a checkpoint there is resumed as it is. The
+    recipe's start semantics (``--finetune``: weights only; ``--reset-iteration``: weights and
+    optimizer, schedule restarted) apply only when a run *starts* from another checkpoint: from
+    ``--pretrained-checkpoint``, or from a ``--load`` that is not this run's ``--save``.
+    """
+    own = bool(args.load and args.save and os.path.abspath(args.load) == os.path.abspath(args.save))
+    if args.load and not (own and (not os.path.isdir(args.load) or _empty(args.load))):
+        return _checked(args, plugin, args.load, "--load"), not own
+    if args.pretrained_checkpoint:
+        return _checked(args, plugin, args.pretrained_checkpoint, "--pretrained-checkpoint"), True
+    if own and torch.distributed.get_rank() == 0:
+        print(f"--load {args.load} holds no checkpoint yet: starting from scratch", flush=True)
+    return None, False
+
+
+def _empty(save_dir: str) -> bool:
     try:
-        path = checkpointing.resolve_checkpoint_dir(args.load)
+        return checkpointing.latest_iteration(save_dir) is None
+    except checkpointing.CheckpointError as e:
+        raise SystemExit(f"error: --load {save_dir}: {e}")
+
+
+def _checked(args, plugin, path, flag):
+    try:
+        path = checkpointing.resolve_checkpoint_dir(path)
         meta = checkpointing.read_meta(path)
     except (checkpointing.CheckpointError, OSError, ValueError) as e:
-        raise SystemExit(f"error: --load {args.load}: {e}")
+        raise SystemExit(f"error: {flag} {path}: {e}")
     plugin.check_resume(args, meta)
     return path

@@ -1,0 +1,203 @@
+"""Recipe files reproduce INSTELLA.md's numbers; bad command lines fail before anything is built."""
+import argparse
+import math
+import re
+import os
+
+import pytest
+import torch
+
+from instella_plugin.plugin import iterations_for_tokens
+from instella_plugin.testing.distributed import run_distributed
+from instella_plugin.training.arguments import parse_args
+
+
+def _parse(*argv, world=1, monkeypatch=None):
+    if monkeypatch is not None:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    args, _ = parse_args(list(map(str, argv)))
+    return args
+
+
+# ---- numbers ---------------------------------------------------------------------------------------
+def test_stage1_recipe_numbers(monkeypatch):
+    a = _parse("--plugin", "instella", "--instella-recipe", "stage1", "--mock-data", "--train-iters", 969172,
+               "--lr-decay-iters", 969172, world=128, monkeypatch=monkeypatch)
+    assert (a.lr, a.min_lr, a.lr_warmup_iters, a.lr_warmup_init, a.lr_decay_style) == (4e-4, 4e-5, 2000, 4e-5, "cosine")
+    assert a.lr_warmup_init == pytest.approx(0.1 * a.lr)
+    assert (a.adam_beta1, a.adam_beta2, a.adam_eps, a.weight_decay, a.clip_grad) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert a.decay_all_params and a.bf16 and a.use_distributed_optimizer and a.seed == 6198
+    assert (a.seq_length, a.global_batch_size, a.padded_vocab_size, a.num_layers, a.hidden_size) == (4096, 1024, 50304, 36, 2560)
+    # One epoch of 4.065T tokens at 1024 x 4096 per step.
+    assert iterations_for_tokens(969_172 * 4_194_304 + 4_000_000, 1024, 4096) == 969_172
+
+
+def test_stage2_and_sft_recipe_numbers(monkeypatch):
+    s2 = _parse("--plugin", "instella", "--instella-recipe", "stage2", "--mock-data", world=128, monkeypatch=monkeypatch)
+    assert (s2.lr, s2.min_lr, s2.lr_warmup_iters, s2.lr_decay_style, s2.train_iters) == (4e-5, 0.0, 0, "linear", 13727)
+    assert s2.train_iters * s2.global_batch_size * s2.seq_length == 57_575_211_008  # 57.575B tokens (13,727 x 4,194,304)
+    assert s2.reset_iteration and not s2.finetune and s2.recipe["seeds"] == [5796, 6198, 8915]
+    sft = _parse("--plugin", "instella", "--instella-recipe", "sft", "--mock-data", "--train-iters", 50859,
+                 "--lr-decay-iters", 50859, world=32, monkeypatch=monkeypatch)
+    assert (sft.lr, sft.min_lr, sft.lr_warmup_iters, sft.lr_decay_style) == (1e-5, 1e-8, 500, "linear")
+    assert (sft.global_batch_size, sft.seq_length, sft.dataset_type, sft.finetune) == (128, 4096, "sft", True)
+
+
+def test_epoch_iterations_come_from_the_blend(tmp_path, monkeypatch):
+    from instella_plugin.data.blends import resolve_blend
+    from instella_plugin.data.demo_corpus import build_demo_corpus
+
+    root = build_demo_corpus(str(tmp_path), num_docs=60, num_chats=8)
+    a = _parse("--plugin", "instella", "--instella-recipe", "stage1", "--data-blend", "tiny", "--data-root", root,
+               "--global-batch-size", 1, "--micro-batch-size", 1, "--seq-length", 8, "--lr-warmup-iters", 1,
+               monkeypatch=monkeypatch)
+    tokens = sum(r.epoch_tokens for r in resolve_blend("tiny", root).split_rows("train"))
+    assert a.train_iters == a.lr_decay_iters == int(tokens // 8) > 1
+
+
+def _closed_form_lr(it, a):
+    if it <= a.lr_warmup_iters and a.lr_warmup_iters:
+        return a.lr_warmup_init + (a.lr - a.lr_warmup_init) * it / a.lr_warmup_iters
+    ratio = (it - a.lr_warmup_iters) / (a.lr_decay_iters - a.lr_warmup_iters)
+    coeff = 0.5 * (math.cos(math.pi * ratio) + 1) if a.lr_decay_style == "cosine" else 1 - ratio
+    return a.min_lr + coeff * (a.lr - a.min_lr)
+
+
+@pytest.mark.parametrize("recipe,iters", [("stage1", [0, 1, 1000, 2000, 2001, 400_000, 969_172]),
+                                          ("stage2", [0, 1, 6000, 13_727]), ("sft", [0, 250, 500, 20_000, 50_859])])
+def test_lr_schedule_matches_closed_form(recipe, iters, monkeypatch):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    a = _parse("--plugin", "instella", "--instella-recipe", recipe, "--mock-data", "--train-iters", iters[-1],
+               "--lr-decay-iters", iters[-1], world=32, monkeypatch=monkeypatch)
+    opt = argparse.Namespace(param_groups=[{"lr": 0.0, "weight_decay": 0.0}])
+    g = a.global_batch_size
+    sched = OptimizerParamScheduler(opt, init_lr=a.lr_warmup_init, max_lr=a.lr, min_lr=a.min_lr,
+                                    lr_warmup_steps=a.lr_warmup_iters * g, lr_decay_steps=a.lr_decay_iters * g,
+                                    lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
+                                    wd_incr_steps=a.train_iters * g, wd_incr_style="constant")
+    previous = 0
+    for it in iters:
+        sched.step(increment=(it - previous) * g)  # as the loop does: one global batch per iteration
+        previous = it
+        assert opt.param_groups[0]["lr"] == pytest.approx(_closed_form_lr(it, a), rel=1e-12, abs=1e-15), it
+
+
+# ---- weight decay on every parameter; the first stage-2 update is the closed-form AdamW step -------
+def _stage2_worker(save_dir):
+    from instella_plugin.model.build import build_gpt_chunks
+    from instella_plugin.model.config import get_preset
+    from instella_plugin.training import checkpointing
+    from instella_plugin.training.forward_step import run_forward_backward
+    from instella_plugin.training.model_setup import wrap_ddp
+    from instella_plugin.training.setup import build_optimizer_and_scheduler
+
+    cfg = get_preset("instella-test", seq_length=16)
+    base = dict(min_lr=0.0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
+                bf16=False, use_distributed_optimizer=False, overlap_param_gather=False, wd_exempt_1d=False,
+                decay_all_params=True, global_batch_size=2, lr_warmup_iters=0, train_iters=10, lr_decay_iters=10)
+    stage1 = argparse.Namespace(**base, lr=1e-3, lr_warmup_init=1e-4, lr_decay_style="cosine")
+    stage2 = argparse.Namespace(**base, lr=4e-5, lr_warmup_init=4e-5, lr_decay_style="linear")
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        t = torch.randint(0, 500, (1, 17), generator=g)
+        batches.append(dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(1, 16),
+                            position_ids=torch.arange(16)[None]))
+
+    def make(args):
+        model = wrap_ddp(build_gpt_chunks(cfg, cfg.transformer_config(), init_seed=3))
+        return (model, *build_optimizer_and_scheduler(args, model))
+
+    def step(model, opt):
+        for m in model:
+            m.zero_grad_buffer()
+        opt.zero_grad()
+        run_forward_backward(model, batches, seq_length=16, micro_batch_size=1, num_microbatches=2)
+        return opt.step()
+
+    model, opt, sched = make(stage1)
+    decayed = {id(p) for grp in opt.param_groups if grp["weight_decay"] == 0.1 for p in grp["params"]}
+    names = {n: (id(p) in decayed) for n, p in model[0].module.named_parameters()}
+    for _ in range(3):
+        step(model, opt)
+        sched.step(increment=2)
+    checkpointing.save_checkpoint(save_dir, 3, model, cfg, optimizer=opt, scheduler=sched)
+
+    model, opt, sched = make(stage2)
+    checkpointing.load_checkpoint(save_dir, model, optimizer=opt, scheduler=None, load_rng=False, new_run=True)
+    sched.step(0)
+    inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
+    before = {}
+    for p in inner.param_groups[0]["params"]:
+        st = inner.state[p]
+        before[p] = (p.detach().double().clone(), st["exp_avg"].double().clone(), st["exp_avg_sq"].double().clone(),
+                     float(st["step"]))
+    lr = inner.param_groups[0]["lr"]
+    ok, grad_norm, _ = step(model, opt)
+    coeff = 1.0  # p.grad holds the gradient after clipping (megatron clips in place)
+    err = 0.0
+    for p, (p0, m0, v0, k) in before.items():
+        grad = p.grad.double() * coeff
+        m = 0.9 * m0 + 0.1 * grad
+        v = 0.95 * v0 + 0.05 * grad * grad
+        t = k + 1
+        expected = p0 * (1 - lr * 0.1) - lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.95 ** t)).sqrt() + 1e-8)
+        # Allowed: fp32 rounding of the stored parameter (2 ulp) plus 0.1% of the update. A wrong step
+        # count (bias correction) or LR changes the update by tens of percent.
+        allowed = 2 * torch.finfo(torch.float32).eps * float(p0.abs().max()) + 1e-3 * float((expected - p0).abs().max())
+        err = max(err, float((p.detach().double() - expected).abs().max()) / allowed)
+    return dict(names=names, steps={k for *_, k in before.values()}, lr=lr, worst=err)
+
+
+@pytest.mark.dist
+def test_decay_everything_and_stage2_first_update_is_closed_form_adamw(tmp_path):
+    (res,) = run_distributed(_stage2_worker, 1, str(tmp_path / "stage1"))
+    assert all(res["names"].values()), [n for n, d in res["names"].items() if not d]
+    assert any("layernorm" in n for n in res["names"]) and any("word_embeddings" in n for n in res["names"])
+    assert res["steps"] == {3.0}  # Adam's step count carried over from stage 1
+    assert res["lr"] == pytest.approx(4e-5)
+    assert res["worst"] < 1.0
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+BASE = ["--plugin", "instella", "--model-preset", "instella-test", "--mock-data", "--lr", "1e-3", "--train-iters", "4"]
+
+
+@pytest.mark.parametrize("argv,world,message", [
+    (BASE + ["--global-batch-size", "3", "--micro-batch-size", "1"], 2, "not divisible by --micro-batch-size 1 x data-parallel size 2"),
+    (BASE + ["--instella-recipe", "stage9"], 1, "unknown recipe 'stage9'; known recipes: .*stage1"),
+    (["--plugin", "nope"] + BASE[2:], 1, "unknown plugin 'nope'; installed plugins: .*instella"),
+    (BASE + ["--tensor-model-parallel-size", "3"], 3, "not divisible by --tensor-model-parallel-size 3"),
+    (BASE + ["--data-path", "/nonexistent/prefix"], 1, "data files not found.*/nonexistent/prefix"),
+    (BASE + ["--rope-schedule", "geometric:1e4:1e6:50:10"], 1, "rope-schedule"),
+])
+def test_bad_command_lines_fail_early(argv, world, message, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert re.search(message, str(e.value), re.S), str(e.value)
+
+
+def test_bad_load_directories(tmp_path, monkeypatch):
+    from instella_plugin.training.setup import resolve_load
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args, plugin = parse_args(BASE + ["--load", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        resolve_load(args, plugin)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
+    args.load = str(ckpt)
+    with pytest.raises(SystemExit, match="names iteration 7, but .*iter_0000007 is missing"):
+        resolve_load(args, plugin)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("garbage")
+    with pytest.raises(SystemExit, match="not an iteration number"):
+        resolve_load(args, plugin)
+    empty_own = tmp_path / "own"
+    args.load = args.save = str(empty_own)
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    assert resolve_load(args, plugin) == (None, False)
