@@ -32,9 +32,12 @@ def _check_prefixes(prefixes: List[str]) -> None:
 
 
 def dataset_sizes(args) -> List[int]:
-    eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
-    return [args.train_iters * args.global_batch_size, eval_runs * args.eval_iters * args.global_batch_size,
-            args.eval_iters * args.global_batch_size]
+    """[train, valid, test] sample counts. Every evaluation reads the same first ``eval_iters`` global
+    batches of the validation split, so its size (and its shuffle) does not depend on the run length:
+    an in-run eval and a later ``--skip-train`` eval of the same weights see the same samples."""
+    evaluates = bool(args.eval_interval or args.skip_train)
+    eval_samples = args.eval_iters * args.global_batch_size if evaluates else 0
+    return [args.train_iters * args.global_batch_size, eval_samples, eval_samples]
 
 
 def blend_per_split_from_args(args):
