@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_MODEL = ["--plugin", "instella", "--model-preset", "instella-test", "--seq-length", "32", "--mock-data",
@@ -18,7 +19,13 @@ def run_trainer(nproc: int, args, env=None, check=True, timeout=600) -> subproce
     extra_path = env.pop("PYTHONPATH", "")
     full_env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", **env)
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, REPO, os.environ.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    # Output goes through files, not pipes: a crashed rank's orphaned helper processes may keep a
+    # pipe open long after the launcher has exited.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(cmd, stdout=out, stderr=err, env=full_env, timeout=timeout).returncode
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -146,7 +146,11 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: List[torch.nn.M
     dist_checkpointing.save(state, partial)
     _barrier()
     if os.environ.get("INSTELLA_CKPT_FAULT") == str(iteration):  # fault injection for the atomicity test
+        import multiprocessing
+
         log.error("INSTELLA_CKPT_FAULT=%s: exiting mid-save", iteration)
+        for child in multiprocessing.active_children():  # the checkpoint writer's helpers
+            child.kill()
         os._exit(17)
     if _rank() == 0:
         meta = {"iteration": iteration, "consumed_samples": consumed_samples, "contents": contents,
