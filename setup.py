@@ -45,6 +45,7 @@ setup(
         "instella_layer_specs": [
             "instella = instella_plugin.model.specs:instella_local_spec",
             "instella-te = instella_plugin.model.specs:instella_te_spec",
+            "instella-fused = instella_plugin.kernels.fused_spec:instella_fused_spec",
         ],
     },
     ext_modules=ext_modules,

@@ -3,7 +3,8 @@
 Built in:
 - ``instella``: megatron's local PyTorch modules (runs everywhere, CPU included);
 - ``instella-te``: Transformer Engine linears and attention (selected only when TE imports); the
-  norms stay Instella's own so the rounding order, and so the weights' names, are the same.
+  norms stay Instella's own so the rounding order, and so the weights' names, are the same;
+- ``instella-fused``: the local spec with this package's fused kernels (``instella_plugin.kernels``).
 Other distributions add specs through the ``instella_layer_specs`` entry-point group; an entry
 point names either a spec object (a ``ModuleSpec`` or ``TransformerBlockSubmodules``) or a factory
 ``f(config, vp_stage=None)`` returning one. ``register_spec`` does the same from code.
@@ -88,6 +89,7 @@ def instella_te_spec(config, vp_stage: Optional[int] = None) -> TransformerBlock
 _REGISTRY: Dict[str, Callable] = {
     "instella": instella_local_spec,
     "instella-te": instella_te_spec,
+    "instella-fused": "instella_plugin.kernels.fused_spec:instella_fused_spec",  # imported on first use
 }
 
 
@@ -121,6 +123,11 @@ def get_spec(name: str, config, vp_stage: Optional[int] = None):
     item = _REGISTRY[name]
     if hasattr(item, "load") and hasattr(item, "group"):  # an unresolved entry point
         item = _REGISTRY[name] = item.load()
+    elif isinstance(item, str):  # "module:attribute" of a built-in with heavier imports
+        import importlib
+
+        module, attr = item.split(":")
+        item = _REGISTRY[name] = getattr(importlib.import_module(module), attr)
     if isinstance(item, (ModuleSpec, TransformerBlockSubmodules)):
         return item
     return item(config, vp_stage=vp_stage)
