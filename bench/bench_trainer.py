@@ -9,9 +9,11 @@ dominate), fp32, mock data. Variants, all built and stepped inside one process p
 - ``stock qk-norm``: ``pretrain_gpt.py`` without a plugin, ``--qk-layernorm``: megatron's local GPT
   spec, per-head QK RMSNorm, pre-norm RMSNorm (megatron's ``WrappedTorchNorm`` = ``torch.nn.RMSNorm``),
   the same SwiGLU/no-bias/untied settings (``GPTPlugin``). This is the baseline of (a).
-- ``hf loop`` (TP=1 only): transformers' ``OlmoeForCausalLM`` with one expert (Instella's function),
-  its default attention (SDPA), ``torch.optim.AdamW``, grad clipping 1.0, a plain Python loop. This is
-  the baseline of (b).
+- ``hf loop sdpa`` (TP=1 only): transformers' ``OlmoeForCausalLM`` with one expert (Instella's
+  function), its default attention (torch SDPA), ``torch.optim.AdamW``, grad clipping 1.0, a plain
+  Python loop. This is the baseline of (b). ``--hf-attn sdpa eager`` adds the same loop with
+  transformers' eager attention (scores materialised, like megatron's local ``DotProductAttention``
+  that the ``instella`` spec runs on unpacked batches), which tells how much of a gap is attention.
 
 Every step of ``instella`` and ``stock`` is the trainer loop's own iteration (``loop.pretrain``):
 zero the DDP grad buffers, megatron's forward-backward schedule over the micro-batches, the
@@ -27,6 +29,7 @@ Appends to bench/results/trainer.json and plots bench/results/trainer.png.
     python bench/bench_trainer.py                      # TP 1 and 2, 2 timed steps per variant
     python bench/bench_trainer.py --tp 1 --reps 4      # more repetitions
     python bench/bench_trainer.py --layers 2           # quicker, same per-layer ratios
+    python bench/bench_trainer.py --tp 1 --hf-attn sdpa eager   # attribute a gap to attention
 """
 import argparse
 import json
@@ -112,7 +115,7 @@ class MegatronVariant:
 class HFLoopVariant:
     """transformers' one-expert OlmoeForCausalLM trained by a plain PyTorch loop on the same mock batches."""
 
-    def __init__(self, a, dataset):
+    def __init__(self, a, dataset, attn: str):
         import torch
         from transformers import OlmoeConfig, OlmoeForCausalLM
 
@@ -121,9 +124,10 @@ class HFLoopVariant:
                              num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
                              num_experts=1, num_experts_per_tok=1, max_position_embeddings=a.seq,
                              rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                             output_router_logits=False, pad_token_id=1, eos_token_id=0, bos_token_id=None)
+                             output_router_logits=False, pad_token_id=1, eos_token_id=0, bos_token_id=None,
+                             attn_implementation=attn)
         self.model = OlmoeForCausalLM(config).train()
-        self.attn = getattr(config, "_attn_implementation", None) or "default"
+        self.attn = self.model.config._attn_implementation
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         self.ds, self.a, self.consumed = dataset, a, 0
 
@@ -157,8 +161,9 @@ def worker(a) -> None:
     device = initialize_distributed(base_args)
     variants = {"instella": MegatronVariant(trainer_argv(a, "instella"), device),
                 "stock qk-norm": MegatronVariant(trainer_argv(a, "stock"), device)}
-    if a.tp_size == 1 and not a.no_hf:
-        variants["hf loop"] = HFLoopVariant(a, variants["instella"].train_ds)
+    if a.tp_size == 1:
+        for attn in a.hf_attn:
+            variants[f"hf loop {attn}"] = HFLoopVariant(a, variants["instella"].train_ds, attn)
     rank = torch.distributed.get_rank()
     times = {k: [] for k in variants}
     cpu = {k: [] for k in variants}
@@ -176,8 +181,7 @@ def worker(a) -> None:
                 print(f"  TP{a.tp_size} round {r} {name:<14} {times[name][-1]:7.2f} s  loss {loss:.3f}", flush=True)
     if rank == 0:
         out = {"tp": a.tp_size, "threads": torch.get_num_threads(), "warmup": a.warmup,
-               "step_s": times, "cpu_s": cpu, "loss": losses,
-               "hf_attention": getattr(variants.get("hf loop"), "attn", None)}
+               "step_s": times, "cpu_s": cpu, "loss": losses}
         with open(a.worker_out, "w") as f:
             json.dump(out, f)
     torch.distributed.destroy_process_group()
@@ -190,16 +194,18 @@ def run_tp(a, tp: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}", __file__,
                "--worker", "--worker-out", out] + [
             f"--{k}={getattr(a, k)}" for k in ("layers", "hidden", "heads", "ffn", "seq", "mbs", "vocab", "reps", "warmup")]
-        if a.no_hf:
-            cmd.append("--no-hf")
+        cmd += ["--hf-attn", *a.hf_attn] if a.hf_attn else ["--hf-attn"]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // tp)), WANDB_MODE="disabled",
+                   PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-        proc = subprocess.run(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout.splitlines():
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:  # the per-step lines as they come; the rest only on failure
+            lines.append(line)
             if line.startswith("  TP"):
-                print(line)
-        if proc.returncode != 0:
-            print(proc.stdout[-6000:])
+                print(line, end="", flush=True)
+        if proc.wait() != 0:
+            print("".join(lines)[-6000:])
             raise SystemExit(f"TP={tp} worker failed ({proc.returncode})")
         with open(out) as f:
             return json.load(f)
@@ -227,7 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--mbs", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--no-hf", action="store_true", help="skip the plain PyTorch loop")
+    ap.add_argument("--hf-attn", nargs="*", default=["sdpa"], choices=["sdpa", "eager"],
+                    help="attention of the plain PyTorch loop(s) at TP=1 (none: skip it); the first is baseline (b)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "trainer.json"))
     ap.add_argument("--label", default="cpu")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -248,7 +255,7 @@ def main(argv=None) -> int:
     runs = {}
     for tp in a.tp:
         raw = run_tp(a, tp)
-        runs[tp] = {"summary": summarize(raw, a), "threads_per_rank": raw["threads"], "hf_attention": raw["hf_attention"]}
+        runs[tp] = {"summary": summarize(raw, a), "threads_per_rank": raw["threads"]}
     load1 = os.getloadavg()[0]
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "label": a.label, "host": platform.node(),
               "cpus": os.cpu_count(), "load_average": [load0, load1], "wall_s": time.time() - t0,
@@ -263,15 +270,19 @@ def main(argv=None) -> int:
         cpu_overhead = s["instella"]["cpu_median_s"] / s["stock qk-norm"]["cpu_median_s"] - 1
         entry.update(qk_norm_overhead=overhead, qk_norm_overhead_cpu=cpu_overhead, target=TARGETS.get(tp),
                      meets_target=overhead < TARGETS.get(tp, 1.0))
-        if "hf loop" in s:
-            entry["ours_vs_hf_tokens_per_s"] = s["instella"]["tokens_per_s"] / s["hf loop"]["tokens_per_s"]
-            entry["hf_attention"] = run["hf_attention"]
+        hf = [k for k in s if k.startswith("hf loop")]
+        if hf:  # ours / plain loop, tokens/s: > 1 means the trainer is faster
+            entry["ours_vs_hf_tokens_per_s"] = {k[len("hf loop "):]: s["instella"]["tokens_per_s"] / s[k]["tokens_per_s"]
+                                                for k in hf}
         for name, v in s.items():
-            note = ("baseline (a)" if name == "stock qk-norm" else
-                    f"baseline (b), attention {run['hf_attention']}" if name == "hf loop" else
-                    f"QK-norm overhead {100 * overhead:+.1f}% (CPU time {100 * cpu_overhead:+.1f}%), target "
-                    f"<{100 * TARGETS.get(tp, 1):.0f}%" + (f"; tokens/s vs hf loop x{entry['ours_vs_hf_tokens_per_s']:.2f}"
-                                                           if "hf loop" in s else ""))
+            if name == "stock qk-norm":
+                note = "baseline (a)"
+            elif name.startswith("hf loop"):
+                note = ("baseline (b)" if name == hf[0] else "plain loop, other attention") + (
+                    f"; instella tokens/s x{s['instella']['tokens_per_s'] / v['tokens_per_s']:.2f} of this")
+            else:
+                note = (f"QK-norm overhead {100 * overhead:+.1f}% (CPU time {100 * cpu_overhead:+.1f}%), "
+                        f"target <{100 * TARGETS.get(tp, 1):.0f}%")
             print(f"{tp:>2} {name:<14} {v['median_s']:13.2f} {v['cpu_median_s']:10.2f} {v['tokens_per_s']:9.1f} "
                   f"{v['median_s'] / base:7.3f}  {note}")
         record["tp"][str(tp)] = entry
@@ -301,7 +312,7 @@ def plot(record: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"instella": "tab:blue", "stock qk-norm": "grey", "hf loop": "tab:orange"}
+    colors = {"instella": "tab:blue", "stock qk-norm": "grey", "hf loop sdpa": "tab:orange", "hf loop eager": "tab:red"}
     fig, ax = plt.subplots(figsize=(7, 3.4))
     labels, values, cols = [], [], []
     for tp, entry in record["tp"].items():
