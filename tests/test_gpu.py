@@ -8,6 +8,7 @@ parser in step with the trainer's log line.
 """
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -83,3 +84,13 @@ def test_log_parser_reads_the_trainers_progress_line():
         assert tokens == pytest.approx(3 * cfg.seq_length / (ms / 1000), rel=0.02, abs=2)
         assert tflops == pytest.approx(tokens * train_flops_per_token(cfg) / 1e12, abs=0.006)
         assert mfu == ("n/a" if NGPU == 0 else mfu)
+
+
+def test_gpu_script_is_valid_bash():
+    """The script only runs on a GPU machine: check its syntax (and shellcheck, where installed) here."""
+    script = os.path.join(os.path.dirname(CHECKS), "run_gpu_checks.sh")
+    res = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    if shutil.which("shellcheck"):
+        res = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
