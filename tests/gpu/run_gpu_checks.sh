@@ -141,7 +141,7 @@ for tp in 1 2; do
   for preset in "${PRESETS[@]}"; do
     name="train ${preset#instella-} tp$tp"
     if (( NGPU < tp )); then
-      record SKIP "$name" "needs $tp GPUs, this machine has $NGPU (TP=1 only)"
+      record SKIP "$name" "needs $tp GPUs, this machine has $NGPU$( (( NGPU == 1 )) && echo ': single GPU, TP=1 only')"
       continue
     fi
     limit=180; [[ "$preset" == instella-1b ]] && limit=300
