@@ -34,7 +34,12 @@ INSTELLA_INLINE double row_sumsq(const T* xr, const QKShape& sh) {
 template <class A>
 INSTELLA_INLINE void angles(const A* f, int64_t hd, A* cs, A* sn) {
 #pragma omp simd
-  for (int64_t d = 0; d < hd; ++d) sincos_acc(f[d], &sn[d], &cs[d]);
+  for (int64_t d = 0; d < hd; ++d) {
+    A s, c;
+    sincos_acc(f[d], &s, &c);
+    sn[d] = s;
+    cs[d] = c;
+  }
 }
 
 // Rows [r0, r1) of the flattened (s, b) index; cs/sn hold head_dim values of scratch each.
@@ -57,16 +62,16 @@ INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename
     const A inv = A(1.0 / sqrt(ss / double(full_width) + eps));
     rstd[r] = inv;
     T* yr = y + r * width;
-    for (int64_t h = 0; h < sh.heads; ++h) {
-      const T* xh = xr + h * sh.stride_h;
-      const T* wh = w + h * hd;
-      T* yh = yr + h * hd;
+    const A *c1 = cs, *c2 = cs + half, *s1 = sn, *s2 = sn + half;
+    for (int64_t h = 0; h < sh.heads; ++h) {  // first and second halves of each head: x1, x2
+      const T *x1 = xr + h * sh.stride_h, *x2 = x1 + half, *w1 = w + h * hd, *w2 = w1 + half;
+      T *y1 = yr + h * hd, *y2 = y1 + half;
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d) {
-        const A a = round_to<T>(to_acc(wh[d]) * round_to<T>(to_acc(xh[d]) * inv));
-        const A b = round_to<T>(to_acc(wh[d + half]) * round_to<T>(to_acc(xh[d + half]) * inv));
-        yh[d] = from_acc<T>(a * cs[d] - b * sn[d]);
-        yh[d + half] = from_acc<T>(b * cs[d + half] + a * sn[d + half]);
+        const A a = round_to<T>(to_acc(w1[d]) * round_to<T>(to_acc(x1[d]) * inv));
+        const A b = round_to<T>(to_acc(w2[d]) * round_to<T>(to_acc(x2[d]) * inv));
+        y1[d] = from_acc<T>(a * c1[d] - b * s1[d]);
+        y2[d] = from_acc<T>(b * c2[d] + a * s2[d]);
       }
     }
   }
@@ -96,23 +101,22 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
     const T* gr = dy + is * gsh.stride_s + ib * gsh.stride_b;
     const A inv = rstd[r];
     double dot = 0;  // sum over the row of dn * x
-    for (int64_t h = 0; h < sh.heads; ++h) {
-      const T* xh = xr + h * sh.stride_h;
-      const T* gh = gr + h * gsh.stride_h;
-      const T* wh = w + h * hd;
-      A* ph = part + h * hd;
-      A* dnh = dn + h * hd;
+    const A *c1 = cs, *c2 = cs + half, *s1 = sn, *s2 = sn + half;
+    for (int64_t h = 0; h < sh.heads; ++h) {  // first and second halves of each head
+      const T *xa = xr + h * sh.stride_h, *xb = xa + half, *ga = gr + h * gsh.stride_h, *gb = ga + half;
+      const T *wa = w + h * hd, *wb = wa + half;
+      A *pa = part + h * hd, *pb = pa + half, *na = dn + h * hd, *nb = na + half;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < half; ++d) {
-        const A g1 = to_acc(gh[d]), g2 = to_acc(gh[d + half]);
-        const A u1 = g1 * cs[d] + g2 * sn[d + half];  // RoPE^T dy
-        const A u2 = g2 * cs[d + half] - g1 * sn[d];
-        const A x1 = to_acc(xh[d]), x2 = to_acc(xh[d + half]);
-        ph[d] += u1 * round_to<T>(x1 * inv);
-        ph[d + half] += u2 * round_to<T>(x2 * inv);
-        const A n1 = u1 * to_acc(wh[d]), n2 = u2 * to_acc(wh[d + half]);
-        dnh[d] = n1;
-        dnh[d + half] = n2;
+        const A g1 = to_acc(ga[d]), g2 = to_acc(gb[d]);
+        const A u1 = g1 * c1[d] + g2 * s2[d];  // RoPE^T dy
+        const A u2 = g2 * c2[d] - g1 * s1[d];
+        const A x1 = to_acc(xa[d]), x2 = to_acc(xb[d]);
+        pa[d] += u1 * round_to<T>(x1 * inv);
+        pb[d] += u2 * round_to<T>(x2 * inv);
+        const A n1 = u1 * to_acc(wa[d]), n2 = u2 * to_acc(wb[d]);
+        na[d] = n1;
+        nb[d] = n2;
         dot += double(n1) * double(x1) + double(n2) * double(x2);
       }
     }

@@ -1,6 +1,6 @@
 // Scalar types and conversions shared by the CPU (.cpp) and GPU (.cu) kernels; no torch headers.
 //
-// bf16 is stored as its 16 bits; float -> bf16 rounds to nearest even (NaN stays NaN), which is
+// bf16 is handled as its 16 bits; float -> bf16 rounds to nearest even (NaN stays NaN), which is
 // what torch's c10::BFloat16 does, so "cast to the input dtype" means the same thing everywhere.
 // Acc<T> is the arithmetic type of a kernel working on T: float for bf16/fp32, double for fp64.
 #pragma once
@@ -15,9 +15,9 @@
 
 namespace instella {
 
-struct bf16 {
-  uint16_t bits;
-};
+// A bf16 value travels as its raw 16 bits; a plain integer type (not a struct) keeps the loops
+// that convert it vectorisable.
+using bf16 = uint16_t;
 
 enum class DType : int { f32 = 0, f64 = 1, bf16 = 2 };
 
@@ -44,7 +44,7 @@ INSTELLA_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-INSTELLA_HD float to_acc(bf16 v) { return bits_to_float(uint32_t(v.bits) << 16); }
+INSTELLA_HD float to_acc(bf16 v) { return bits_to_float(uint32_t(v) << 16); }
 INSTELLA_HD float to_acc(float v) { return v; }
 INSTELLA_HD double to_acc(double v) { return v; }
 
@@ -52,14 +52,9 @@ template <class T> INSTELLA_HD T from_acc(typename Acc<T>::type v);
 template <> INSTELLA_HD float from_acc<float>(float v) { return v; }
 template <> INSTELLA_HD double from_acc<double>(double v) { return v; }
 template <> INSTELLA_HD bf16 from_acc<bf16>(float v) {
-  uint32_t u = float_to_bits(v);
-  bf16 out;
-  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep it a (quiet) NaN
-    out.bits = uint16_t((u >> 16) | 0x0040u);
-  } else {
-    out.bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-  return out;
+  const uint32_t u = float_to_bits(v);
+  return (u & 0x7fffffffu) > 0x7f800000u ? bf16((u >> 16) | 0x0040u)  // NaN stays a quiet NaN
+                                         : bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 // Value after a round trip through T: the "cast to the input dtype" of Instella's norms.
