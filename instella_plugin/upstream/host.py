@@ -1,0 +1,256 @@
+"""The Megatron-LM host of a ``megatron_plugins`` plugin: what upstream ``pretrain_gpt.py --plugin NAME`` calls.
+
+The patch series in ``patches/`` makes Megatron-LM's ``pretrain_gpt.py`` create a ``PluginHost`` before
+it imports ``megatron.training`` and take four things from it: the extra-arguments provider, the GPT
+builder, the dataset provider and the forward step. The plugin object is the one our own
+``pretrain_gpt.py`` loads (``instella_plugin.training.plugins.load_plugin``); this module only adapts
+Megatron-LM's calling conventions to the plugin seam (``GPTPlugin``):
+
+- arguments: the plugin's flags join Megatron-LM's parser; after parsing, ``finalize`` records which
+  flags were given explicitly (``args.explicit``, so recipes fill only the rest), runs the plugin's
+  ``finalize_args`` and fills the Megatron-LM settings the plugin's model and data imply (run from
+  the ``plugin_finalize_args`` run-time patch, before Megatron-LM's ``validate_args``);
+- model: ``plugin.build_model`` builds every virtual-pipeline chunk of this rank once, with the
+  plugin's TransformerConfig; Megatron-LM's ``model_provider`` receives them one stage at a time;
+- data: ``plugin.build_datasets`` (blend resolution, SFT, mock data) on every rank;
+- per iteration: the forward step applies ``plugin.rope_theta(args, iteration)`` before the first
+  micro-batch of each iteration (Megatron-LM sets ``args.curr_iteration``).
+Run-time patches (``registry``) carry the rest; ``patches/README.md`` lists everything.
+"""
+import argparse
+import functools
+import os
+from typing import Optional, Sequence
+
+_HOST = None
+
+
+def current_host() -> Optional["PluginHost"]:
+    return _HOST
+
+
+def _peek(argv: Sequence[str], flag: str, default=None):
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument(flag, default=default)
+    known, _ = pre.parse_known_args(list(argv))
+    return getattr(known, flag.lstrip("-").replace("-", "_"))
+
+
+def wants_plugin(argv: Sequence[str]) -> bool:
+    return any(a == "--plugin" or a.startswith("--plugin=") for a in argv)
+
+
+class _SkipExisting:
+    """A parser (or group) proxy that skips options Megatron-LM already defines under the same name.
+
+    Plugins use Megatron-LM's flag names for what they share with it, so an existing option means the
+    same setting; the host's parser keeps its own definition.
+    """
+
+    def __init__(self, target, parser):
+        self._target, self._parser = target, parser
+
+    def add_argument(self, *names, **kwargs):
+        if any(n in self._parser._option_string_actions for n in names if n.startswith("-")):
+            return None
+        return self._target.add_argument(*names, **kwargs)
+
+    def add_argument_group(self, *a, **k):
+        return _SkipExisting(self._parser.add_argument_group(*a, **k), self._parser)
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+
+def _default_groups(pg_collection) -> bool:
+    """Whether a ProcessGroupCollection is megatron's global one (the plugin builds with parallel_state)."""
+    from megatron.core import parallel_state as ps
+
+    return (getattr(pg_collection, "tp", None) is ps.get_tensor_model_parallel_group()
+            and getattr(pg_collection, "pp", None) is ps.get_pipeline_model_parallel_group())
+
+
+class PluginHost:
+    """Adapter between Megatron-LM's training entry and one plugin object."""
+
+    def __init__(self, argv: Sequence[str]):
+        global _HOST
+        from instella_plugin.training.plugins import load_plugin
+
+        self.argv = list(argv)
+        self.name = _peek(self.argv, "--plugin")
+        if not self.name:
+            raise SystemExit("error: --plugin needs a NAME (a plugin of the 'megatron_plugins' entry-point group)")
+        self.device = _peek(self.argv, "--device", "auto")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise SystemExit(f"error: --device {self.device!r}: choose auto, cpu or cuda")
+        self.plugin = load_plugin(self.name)
+        self.parser = None
+        self.cfg = None
+        self._chunks = None
+        self._theta = {}
+        self.cpu = self._start_cpu_mode()
+        _HOST = self
+
+    # ---- CPU mode ---------------------------------------------------------------------------------
+    def _start_cpu_mode(self) -> bool:
+        """Before Megatron-LM's training code is imported: the CPU mode, when asked for or without a GPU."""
+        from instella_plugin import cpu_mode
+
+        if self.device == "cuda" or (self.device == "auto" and cpu_mode.gpu_available()):
+            if self.device == "cuda" and not cpu_mode.gpu_available():
+                raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu or auto")
+            return False
+        from instella_plugin.upstream import cpu
+
+        cpu_mode.enable(force=self.device == "cpu")
+        cpu.before_import()
+        return True
+
+    # ---- what pretrain_gpt.py takes ---------------------------------------------------------------
+    def hooks(self, *, datasets, builder, forward_step, extra_args_provider):
+        """The four entry points of upstream ``pretrain_gpt.py``, with the plugin's in place."""
+        from instella_plugin.upstream import cpu, runtime, registry  # noqa: F401  (registering)
+
+        registry.apply(phase="startup")
+        if self.cpu:
+            registry.apply(phase="cpu")
+        del builder  # the plugin builds the model
+        provider = functools.partial(self.datasets_provider)
+        provider.is_distributed = True  # every rank calls it (megatron's blended builder decides who builds)
+        return dict(datasets=provider, builder=self.gpt_builder, forward_step=self.wrap_forward_step(forward_step),
+                    extra_args_provider=self.extra_args_provider(extra_args_provider))
+
+    def extra_args_provider(self, chained=None):
+        def provider(parser):
+            if chained is not None:
+                parser = chained(parser)
+            g = parser.add_argument_group("plugin (instella-megatron patches/)")
+            g.add_argument("--plugin", help="a plugin of the 'megatron_plugins' entry-point group")
+            g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                           help="auto: the GPU when torch sees one, else the CPU mode with gloo")
+            self.plugin.add_arguments(_SkipExisting(parser, parser))
+            self.parser = parser
+            return parser
+        return provider
+
+    # ---- arguments --------------------------------------------------------------------------------
+    def finalize(self, args) -> None:
+        """Plugin defaults and checks on Megatron-LM's parsed args (before its ``validate_args``)."""
+        from instella_plugin.training.arguments import explicit_dests
+
+        if self.parser is None:
+            raise RuntimeError("PluginHost.finalize before the extra-arguments provider ran")
+        explicit = explicit_dests(self.parser, self.argv)
+        args.explicit = explicit
+        if getattr(args, "yaml_cfg", None):
+            raise SystemExit("error: --yaml-cfg with --plugin: the plugin configures the model; drop one of them")
+        if getattr(args, "use_legacy_models", False):
+            raise SystemExit("error: --use-legacy-models with --plugin: plugins build megatron-core models")
+        if self.cpu:
+            from instella_plugin.upstream.cpu import cpu_safe_args
+
+            for key, value in cpu_safe_args().items():
+                if key in explicit and getattr(args, key) != value:
+                    raise SystemExit(f"error: --{key.replace('_', '-')} {getattr(args, key)} in the CPU mode, which "
+                                     f"needs {value}; drop the flag or run on a GPU")
+                setattr(args, key, value)
+        self.plugin.finalize_args(args)
+        if getattr(args, "packed_documents", False) or args.context_parallel_size > 1:
+            raise SystemExit("error: --packed-documents and --context-parallel-size > 1 need the plugin's batch hook, "
+                             "which Megatron-LM's get_batch does not call; train these with instella's pretrain_gpt.py")
+        args.calculate_per_token_loss = True  # the plugin's loss: per-token mean over the global batch
+        args.create_attention_mask_in_dataloader = False  # causal mask type in the spec; datasets make none
+        if args.tokenizer_type is None and not args.tokenizer_model:
+            # pre-tokenized data: Megatron-LM needs only the vocabulary size (padded_vocab_size is set)
+            args.tokenizer_type = "NullTokenizer"
+        self.cfg = self.plugin.model_config(args)
+        self._mirror_model_args(args)
+        self._allow_plugin_types_in_checkpoints(args)
+
+    def _allow_plugin_types_in_checkpoints(self, args) -> None:
+        """Megatron-LM pickles ``args`` into every checkpoint and loads it with ``weights_only``; the
+        plugin's own value types there (e.g. a RoPE schedule) join torch's safe globals."""
+        import torch
+
+        root = type(self.plugin).__module__.split(".")[0]
+        found, todo = set(), list(vars(args).values())
+        while todo:
+            value = todo.pop()
+            if isinstance(value, (list, tuple, set, frozenset)):
+                todo.extend(value)
+            elif isinstance(value, dict):
+                todo.extend(value.values())
+            elif type(value).__module__.split(".")[0] == root:
+                found.add(type(value))
+                todo.extend(getattr(value, "__dict__", {}).values())
+        if found:
+            torch.serialization.add_safe_globals(sorted(found, key=lambda t: t.__qualname__))
+
+    def transformer_config(self, args):
+        """The plugin's TransformerConfig, with the fields Megatron-LM's loop sets from its own flags."""
+        import torch
+
+        dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+        return self.cfg.transformer_config(
+            tensor_parallel=args.tensor_model_parallel_size, pipeline_parallel=args.pipeline_model_parallel_size,
+            virtual_pipeline=getattr(args, "virtual_pipeline_model_parallel_size", None),
+            context_parallel=args.context_parallel_size,
+            sequence_parallel=args.sequence_parallel, params_dtype=dtype, cpu=self.cpu,
+            recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+            recompute_num_layers=args.recompute_num_layers, deallocate_pipeline_outputs=True,
+            calculate_per_token_loss=args.calculate_per_token_loss,
+            **self.plugin.transformer_config_overrides(args))
+
+    def _mirror_model_args(self, args) -> None:
+        """Megatron-LM's model flags from the plugin's config (its FLOP counts and checks read them)."""
+        tcfg = self.transformer_config(args)
+        args.swiglu = bool(tcfg.gated_linear_unit)
+        args.normalization = tcfg.normalization
+        args.norm_epsilon = tcfg.layernorm_epsilon
+        args.add_bias_linear = tcfg.add_bias_linear
+        args.hidden_dropout, args.attention_dropout = tcfg.hidden_dropout, tcfg.attention_dropout
+        args.kv_channels = tcfg.kv_channels
+        args.group_query_attention = tcfg.num_query_groups != tcfg.num_attention_heads
+        args.position_embedding_type = "rope"
+
+    # ---- model, data, per-iteration hooks ---------------------------------------------------------
+    def gpt_builder(self, args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+        """Megatron-LM's builder signature; the plugin builds all of this rank's chunks on the first call."""
+        if pg_collection is not None and not _default_groups(pg_collection):
+            raise SystemExit("error: --plugin does not build models for a separate process-group collection "
+                             "(RL inference models)")
+        if self._chunks is None:
+            self._chunks = self.plugin.build_model(args, self.cfg, self.transformer_config(args))
+        chunk = self._chunks[vp_stage or 0]
+        if (chunk.pre_process, chunk.post_process) != (pre_process, post_process):
+            raise RuntimeError(f"plugin chunk {vp_stage}: pre/post process {chunk.pre_process}/{chunk.post_process} "
+                               f"but Megatron-LM expects {pre_process}/{post_process}")
+        return chunk
+
+    def datasets_provider(self, train_val_test_num_samples, vp_stage=None):
+        from megatron.training import get_args
+
+        args = get_args()
+        return self.plugin.build_datasets(args, self.cfg, list(train_val_test_num_samples))
+
+    def wrap_forward_step(self, forward_step):
+        @functools.wraps(forward_step)
+        def step(data_iterator, model, *a, **kw):
+            from megatron.training import get_args
+
+            self.apply_rope(model, get_args())
+            return forward_step(data_iterator, model, *a, **kw)
+        return step
+
+    def apply_rope(self, model, args) -> None:
+        theta = self.plugin.rope_theta(args, int(getattr(args, "curr_iteration", 0) or 0))
+        if theta is not None and self._theta.get(id(model)) != theta:
+            self.plugin.apply_rope_theta([model], theta)
+            self._theta[id(model)] = theta
+
+    def current_theta(self):
+        return next(iter(self._theta.values()), None)
+
+    def log_path(self, args) -> Optional[str]:
+        return os.path.join(args.save, "train_log.jsonl") if getattr(args, "save", None) else None
