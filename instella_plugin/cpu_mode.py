@@ -24,7 +24,11 @@ What is patched, and why:
    hard-codes ``device="cuda"`` in token counting, p2p shape exchange, grad buffers and clipping.
    The same mode drops ``pin_memory=True`` (a CPU-only torch rejects it; megatron asks for it when
    slicing RoPE tables for context parallelism).
-6. ``torch.distributed`` collectives accept a ``device_ids`` argument in ``barrier`` that gloo rejects:
+6. megatron's ``get_default_causal_mask`` / ``get_sliding_window_causal_mask`` (in
+   ``transformer.utils`` and as imported by ``fusions.fused_softmax``) -> CPU versions: they
+   hard-code ``device="cuda"`` and run inside autograd functions (activation recompute replays the
+   forward during backward), where (5) is not active.
+7. ``torch.distributed`` collectives accept a ``device_ids`` argument in ``barrier`` that gloo rejects:
    ``barrier(device_ids=...)`` drops it.
 
 Tensor-core fusions (``bias_dropout_fusion``, ``apply_rope_fusion``, ``masked_softmax_fusion``,
@@ -35,6 +39,7 @@ the same pair (PP=2, interleaved schedule) can swap equally shaped tensors; mega
 path orders the operations by rank parity. ``cpu_safe_config_overrides()`` lists these settings.
 """
 import contextlib
+import functools
 import logging
 import sys
 
@@ -193,11 +198,26 @@ def _patch_torch_cuda():
     cuda.random.manual_seed_all = _cpu_manual_seed
 
 
+@functools.lru_cache(maxsize=32)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
+
+
+def _cpu_sliding_window_mask(sq, skv, window_size):
+    m = torch.ones(sq, skv, dtype=torch.bool, device=_CPU)
+    return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+
+
 def _patch_megatron():
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import utils as tutils
 
     mrandom._get_cuda_rng_state = _megatron_get_rng_state
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
+    for module in (tutils, fused_softmax):
+        module.get_default_causal_mask = _cpu_causal_mask
+        module.get_sliding_window_causal_mask = _cpu_sliding_window_mask
 
 
 def _patch_distributed():

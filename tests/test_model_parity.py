@@ -111,7 +111,7 @@ def _gather_hf(chunks, cfg, attr):
     return out if ps.get_tensor_model_parallel_rank() == 0 else {}
 
 
-def _megatron_worker(cfg, hf, batches, sp_flags, check_init):
+def _megatron_worker(cfg, hf, batches, variants, check_init):
     from megatron.core import parallel_state as ps
 
     from instella_plugin.model.build import build_gpt_chunks
@@ -120,10 +120,10 @@ def _megatron_worker(cfg, hf, batches, sp_flags, check_init):
     from instella_plugin.training.model_setup import unwrap, wrap_ddp
 
     results = []
-    for sp in sp_flags:
-        tcfg = cfg.transformer_config(tensor_parallel=ps.get_tensor_model_parallel_world_size(), virtual_pipeline=ps.get_virtual_pipeline_model_parallel_world_size(),
-                                      pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
-                                      sequence_parallel=sp)
+    for variant in variants:  # extra TransformerConfig settings (sequence parallel, recompute)
+        tcfg = cfg.transformer_config(tensor_parallel=ps.get_tensor_model_parallel_world_size(),
+                                      virtual_pipeline=ps.get_virtual_pipeline_model_parallel_world_size(),
+                                      pipeline_parallel=ps.get_pipeline_model_parallel_world_size(), **variant)
         chunks = build_gpt_chunks(cfg, tcfg, init_seed=7)
         init_weights = _gather_hf(chunks, cfg, None) if check_init else None
         for c in chunks:
@@ -184,7 +184,7 @@ def _check_grads(grads, ref_grads, loss, ref_loss):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
 def test_parity_with_olmoe_reference(reference, tp, pp):
     hf, batches, ref_logits, ref_loss, ref_grads = reference
-    res = run_distributed(_megatron_worker, tp * pp, CFG, hf, batches, [False], pp == 2, tp=tp, pp=pp)
+    res = run_distributed(_megatron_worker, tp * pp, CFG, hf, batches, [{}], pp == 2, tp=tp, pp=pp)
     logits, loss, grads, init = _merge(res, 0)
     _check_logits(logits, ref_logits)
     _check_grads(grads, ref_grads, loss, ref_loss)
@@ -201,11 +201,16 @@ def test_parity_with_olmoe_reference(reference, tp, pp):
             assert abs(t.std().item() - expected) <= 4 * expected / math.sqrt(2 * n), name
 
 
+RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
 @pytest.mark.dist
-def test_tp2_pp2_matches_reference_with_and_without_sequence_parallel(reference):
+def test_tp2_pp2_matches_reference_with_sequence_parallel_and_recompute(reference):
+    """Also the QK-norm's TP all-reduce under full activation recompute (forward run twice)."""
     hf, batches, ref_logits, ref_loss, ref_grads = reference
-    res = run_distributed(_megatron_worker, 4, CFG, hf, batches, [False, True], False, tp=2, pp=2)
-    for idx in (0, 1):
+    variants = [{}, dict(sequence_parallel=True), dict(sequence_parallel=True, **RECOMPUTE)]
+    res = run_distributed(_megatron_worker, 4, CFG, hf, batches, variants, False, tp=2, pp=2)
+    for idx in range(len(variants)):
         logits, loss, grads, _ = _merge(res, idx)
         _check_logits(logits, ref_logits)
         _check_grads(grads, ref_grads, loss, ref_loss)
