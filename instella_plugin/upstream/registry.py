@@ -42,27 +42,61 @@ class RuntimePatch:
         return f"{self.module}.{self.attribute}"
 
 
-_REGISTRY: Dict[str, RuntimePatch] = {}
-_APPLIED: Dict[str, RuntimePatch] = {}
+class PatchRegistry:
+    """Named run-time patches and the record of which were applied in this process."""
 
+    def __init__(self):
+        self._patches: Dict[str, RuntimePatch] = {}
+        self._applied: Dict[str, RuntimePatch] = {}
 
-def register_patch(name: str, module: str, attribute: str, *, reason: str, phase: str = "startup",
-                   condition: Optional[Callable[[], bool]] = None):
-    """Decorator: ``@register_patch(...)`` on ``def wrapper(original) -> replacement``."""
-    def decorate(make_wrapper):
-        if name in _REGISTRY and _REGISTRY[name].make_wrapper is not make_wrapper:
-            raise ValueError(f"run-time patch {name!r} is registered twice")
-        _REGISTRY[name] = RuntimePatch(name, module, attribute, make_wrapper, reason, phase, condition)
-        return make_wrapper
-    return decorate
+    def register(self, name: str, module: str, attribute: str, *, reason: str, phase: str = "startup",
+                 condition: Optional[Callable[[], bool]] = None):
+        """Decorator: ``@register(...)`` on ``def make_wrapper(original) -> replacement``."""
+        def decorate(make_wrapper):
+            old = self._patches.get(name)
+            if old is not None and old.make_wrapper is not make_wrapper:
+                raise ValueError(f"run-time patch {name!r} is registered twice")
+            self._patches[name] = RuntimePatch(name, module, attribute, make_wrapper, reason, phase, condition)
+            return make_wrapper
+        return decorate
 
+    def registered(self, phase: Optional[str] = None) -> List[RuntimePatch]:
+        return [p for p in self._patches.values() if phase is None or p.phase == phase]
 
-def registered(phase: Optional[str] = None) -> List[RuntimePatch]:
-    return [p for p in _REGISTRY.values() if phase is None or p.phase == phase]
+    def applied(self) -> List[str]:
+        return list(self._applied)
 
+    def apply(self, names: Optional[List[str]] = None, phase: Optional[str] = None) -> List[str]:
+        """Apply the named patches (or all of ``phase``); return the names applied by this call.
 
-def applied() -> List[str]:
-    return list(_APPLIED)
+        Already-applied patches and those whose condition is false are skipped. Every anchor is
+        checked before anything is replaced, so a drifted upstream changes nothing.
+        """
+        unknown = set(names or ()) - set(self._patches)
+        if unknown:
+            raise ValueError(f"unknown run-time patches {sorted(unknown)}; known: {sorted(self._patches)}")
+        todo = [p for p in self.registered(phase) if (names is None or p.name in names)
+                and p.name not in self._applied and (p.condition is None or p.condition())]
+        resolved = [(p, *_resolve(p)) for p in todo]
+        done = []
+        for patch, module, original in resolved:
+            if getattr(original, _MARK, None) == patch.name:  # already in place (applied by another registry)
+                self._applied[patch.name] = patch
+                continue
+            replacement = patch.make_wrapper(original)
+            try:
+                functools.update_wrapper(replacement, original)
+            except (AttributeError, TypeError):
+                pass
+            setattr(replacement, _MARK, patch.name)
+            setattr(module, patch.attribute, replacement)
+            self._applied[patch.name] = patch
+            done.append(patch.name)
+        return done
+
+    def describe(self) -> str:
+        """One line per patch: name, target, phase, reason (the README's table, from the code)."""
+        return "\n".join(f"{p.name}: {p.target} [{p.phase}] {p.reason}" for p in self._patches.values())
 
 
 def _resolve(patch: RuntimePatch):
@@ -79,36 +113,10 @@ def _resolve(patch: RuntimePatch):
     return module, original
 
 
-def apply(names: Optional[List[str]] = None, phase: Optional[str] = None) -> List[str]:
-    """Apply the named patches (or all of ``phase``); return the names applied by this call.
-
-    Already-applied patches and those whose condition is false are skipped. All anchors are checked
-    before anything is replaced, so a drifted upstream changes nothing.
-    """
-    todo = [p for p in registered(phase) if names is None or p.name in names]
-    unknown = set(names or ()) - {p.name for p in _REGISTRY.values()}
-    if unknown:
-        raise ValueError(f"unknown run-time patches {sorted(unknown)}; known: {sorted(_REGISTRY)}")
-    todo = [p for p in todo if p.name not in _APPLIED and (p.condition is None or p.condition())]
-    resolved = [(p, *_resolve(p)) for p in todo]
-    done = []
-    for patch, module, original in resolved:
-        if getattr(original, _MARK, None) == patch.name:  # applied by an earlier registry instance
-            _APPLIED[patch.name] = patch
-            continue
-        replacement = patch.make_wrapper(original)
-        if callable(replacement) and not isinstance(replacement, type):
-            try:
-                functools.update_wrapper(replacement, original)
-            except (AttributeError, TypeError):
-                pass
-            setattr(replacement, _MARK, patch.name)
-        setattr(module, patch.attribute, replacement)
-        _APPLIED[patch.name] = patch
-        done.append(patch.name)
-    return done
-
-
-def describe() -> str:
-    """One line per registered patch: name, target, phase, reason (the README's table, from code)."""
-    return "\n".join(f"{p.name}: {p.target} [{p.phase}] {p.reason}" for p in _REGISTRY.values())
+# The host's registry (``runtime`` and ``cpu`` register into it).
+REGISTRY = PatchRegistry()
+register_patch = REGISTRY.register
+registered = REGISTRY.registered
+applied = REGISTRY.applied
+apply = REGISTRY.apply
+describe = REGISTRY.describe

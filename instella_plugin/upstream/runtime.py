@@ -80,7 +80,7 @@ def _write_log_line(host, loss_dict, learning_rate, iteration, rest) -> None:
         return
     grad_norm = rest[3] if len(rest) > 3 else None  # (loss_scale, report_memory_flag, skipped_iter, grad_norm, ...)
     record = {"iteration": int(iteration), "loss": _scalar(loss_dict.get("lm loss")) if loss_dict else None,
-              "lr": _scalar(learning_rate), "grad_norm": _scalar(grad_norm), "theta": host.current_theta(),
+              "lr": _scalar(learning_rate), "grad_norm": _scalar(grad_norm), "rope_theta": host.current_theta(),
               "host": "megatron-lm"}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
