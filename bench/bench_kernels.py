@@ -251,6 +251,7 @@ def append_json(path, record):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=1)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     print(f"appended to {path}")
 
@@ -273,12 +274,14 @@ def plot(path, record, png):
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, fontsize=6)
     ax.set_ylabel("speed-up (baseline time / fused time)")
-    ax.set_title(f"instella fused kernels on {record['device']} ({record['device_name']}), {record['time']}")
+    ax.set_title(f"instella fused kernels on {record['device']} ({record['device_name']}, "
+                 f"{record['threads']} threads), {record['time']}")
     ax.legend()
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(png)), suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, png)
     print(f"plot written to {png}")
 
