@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: venv test test-slow demo bench clean
 
-$(VENV)/.installed: setup.py constraints.txt
+$(VENV)/.installed: setup.py constraints.txt $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0 setuptools wheel
 	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]'
@@ -20,10 +20,10 @@ $(VENV)/.installed: setup.py constraints.txt
 venv: $(VENV)/.installed
 
 test: venv
-	$(PYTEST) -m "not slow" -q
+	$(PYTEST) -m "not slow" -q --durations=15
 
 test-slow: venv
-	$(PYTEST) -m slow -q
+	$(PYTEST) -m slow -q --durations=15
 
 demo: venv
 	$(PY) -m instella_plugin.demo
@@ -32,4 +32,4 @@ bench: venv
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info instella_plugin/kernels/*.so

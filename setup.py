@@ -1,6 +1,6 @@
 """Install the Instella plugin for Megatron-Core.
 
-Native kernels in csrc/ are built by ``instella_plugin/kernels/build.py`` when a C++ toolchain and
+Native kernels in csrc/ are built by ``instella_plugin/kernels/build_targets.py`` when a C++ toolchain and
 torch are importable at build time (install with ``--no-build-isolation`` so the pinned torch is used).
 ``INSTELLA_KERNELS`` selects targets: ``cpu``, ``cuda``, ``all`` (default: cpu plus the GPU target of
 the installed torch) or ``none``.
