@@ -10,7 +10,10 @@ checks and conditions are tested on a throwaway module, and the README against t
 With ``MEGATRON_LM_DIR`` (a Megatron-LM checkout at the tag; slow tier): the checkout is copied, the
 series applied, and upstream ``pretrain_gpt.py --plugin instella --transformer-impl local`` trains
 5 iterations of the tiny recipe on CPU from the same ``--load`` checkpoint, data and seed as our own
-trainer; the per-iteration losses must agree within 1e-6 relative.
+trainer, with a RoPE theta schedule; the per-iteration losses must agree within 1e-6 relative (and
+the LR, grad norm and theta of every iteration with ours). Dropping the weight-decay run-time patch
+moves the losses by 4e-6 at iteration 2 and 1e-4 at iteration 5; a RoPE hook that never fires, by
+3e-5 at iteration 3.
 """
 import os
 import re
@@ -273,7 +276,9 @@ def test_upstream_pretrain_gpt_matches_our_trainer(tmp_path):
     common = [*RECIPE, "--data-blend", "tiny", "--data-root", data]
     start = str(tmp_path / "start")  # the shared --load checkpoint: one iteration of our trainer
     run_trainer(2, [*common, "--no-plot", "--train-iters", "1", "--lr-warmup-iters", "0", "--save", start])
-    run = ["--train-iters", "5", "--lr-warmup-iters", "2", "--load", start, "--finetune"]
+    # theta moves 10000 -> 40000 over iterations 1..4, so the RoPE hook shows in the losses (3e-5 at iteration 3)
+    run = ["--train-iters", "5", "--lr-warmup-iters", "2", "--load", start, "--finetune",
+           "--rope-schedule", "geometric:10000:40000:1:4"]
     ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
     run_trainer(2, [*common, *run, "--no-plot", "--save", ours])
     up = _run_upstream(mlm, [*common, *run, "--transformer-impl", "local", "--num-workers", "0", "--save", theirs])
@@ -293,4 +298,5 @@ def test_upstream_pretrain_gpt_matches_our_trainer(tmp_path):
     for r in records:  # the LR schedule, gradient clipping and RoPE hook saw the same numbers
         assert r["lr"] == pytest.approx(mine[r["iteration"]]["lr"], rel=1e-12)
         assert r["grad_norm"] == pytest.approx(mine[r["iteration"]]["grad_norm"], rel=1e-5)
-        assert r["rope_theta"] == mine[r["iteration"]]["rope_theta"] == 10000.0
+        assert r["rope_theta"] == mine[r["iteration"]]["rope_theta"]
+    assert [r["rope_theta"] for r in records] == pytest.approx([1e4, 1e4, 1e4 * 4 ** (1 / 3), 1e4 * 4 ** (2 / 3), 4e4])
