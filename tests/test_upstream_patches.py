@@ -11,7 +11,8 @@ With ``MEGATRON_LM_DIR`` (a Megatron-LM checkout at the tag; slow tier): the che
 series applied, and upstream ``pretrain_gpt.py --plugin instella --transformer-impl local`` trains
 5 iterations of the tiny recipe on CPU from the same ``--load`` checkpoint, data and seed as our own
 trainer, with a RoPE theta schedule; the per-iteration losses must agree within 1e-6 relative (and
-the LR, grad norm and theta of every iteration with ours). Dropping the weight-decay run-time patch
+the LR, grad norm and theta of every iteration with ours), and the checkpoint upstream writes must
+carry ``instella_meta.json`` and our weights. Dropping the weight-decay run-time patch
 moves the losses by 4e-6 at iteration 2 and 1e-4 at iteration 5; a RoPE hook that never fires, by
 3e-5 at iteration 3.
 """
@@ -300,3 +301,18 @@ def test_upstream_pretrain_gpt_matches_our_trainer(tmp_path):
         assert r["grad_norm"] == pytest.approx(mine[r["iteration"]]["grad_norm"], rel=1e-5)
         assert r["rope_theta"] == mine[r["iteration"]]["rope_theta"]
     assert [r["rope_theta"] for r in records] == pytest.approx([1e4, 1e4, 1e4 * 4 ** (1 / 3), 1e4 * 4 ** (2 / 3), 4e4])
+
+    # The checkpoint upstream wrote carries instella_meta.json, and its weights are ours (to float rounding).
+    import torch
+
+    from instella_plugin.hf.megatron_io import MegatronCheckpoint, param_names
+    from instella_plugin.training.checkpointing import read_meta, resolve_checkpoint_dir
+
+    meta, own = read_meta(theirs), read_meta(ours)
+    assert meta["host"] == "megatron-lm" and meta["iteration"] == 5 and meta["contents"] == ["model"]
+    assert meta["model"] == own["model"] and meta["rope_theta"] == own["rope_theta"] == 40000.0
+    a = MegatronCheckpoint(resolve_checkpoint_dir(ours), 4)
+    b = MegatronCheckpoint(resolve_checkpoint_dir(theirs), 4)
+    worst = max((a.read_param(n).double() - b.read_param(n).double()).abs().max().item() for n in param_names(4))
+    print(f"  weights after 5 iterations: max |ours - upstream| = {worst:.2e}")
+    assert worst <= 1e-6

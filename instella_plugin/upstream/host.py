@@ -252,5 +252,35 @@ class PluginHost:
     def current_theta(self):
         return next(iter(self._theta.values()), None)
 
+    def write_checkpoint_meta(self, iteration: int, release: bool = False) -> Optional[str]:
+        """``instella_meta.json`` in the iteration directory upstream just wrote (rank 0; atomic)."""
+        import json
+
+        import torch
+        from megatron.core import parallel_state as ps
+        from megatron.training import get_args
+
+        from instella_plugin.training.checkpointing import META, iteration_dir
+
+        args = get_args()
+        if getattr(args, "async_save", False) or torch.distributed.get_rank() != 0:
+            return None  # an async save completes later; its directory may not exist yet
+        folder = os.path.join(args.save, "release") if release else iteration_dir(args.save, iteration)
+        if not os.path.isdir(folder):
+            return None
+        meta = {"iteration": int(iteration), "consumed_samples": int(getattr(args, "consumed_train_samples", 0)),
+                "contents": ["model"],  # optimizer and RNG state are in Megatron-LM's layout, not ours
+                "layout": {"tp": ps.get_tensor_model_parallel_world_size(),
+                           "pp": ps.get_pipeline_model_parallel_world_size(),
+                           "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+                           "dp": ps.get_data_parallel_world_size(), "cp": ps.get_context_parallel_world_size()},
+                "model": self.cfg.to_dict(), "host": "megatron-lm"}
+        meta.update(self.plugin.checkpoint_meta(args, iteration))
+        path = os.path.join(folder, META)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+        return path
+
     def log_path(self, args) -> Optional[str]:
         return os.path.join(args.save, "train_log.jsonl") if getattr(args, "save", None) else None

@@ -11,6 +11,10 @@ module, or running Megatron-LM without ``--plugin``, changes nothing), and is li
   drops that exemption, as our trainer does (``training/setup.py``).
 - ``plugin_train_log`` (``training.training_log``): every iteration's loss, LR, grad norm and RoPE
   theta also go to ``SAVE/train_log.jsonl`` (our trainer's format; ``testing.trainer.read_log``).
+- ``plugin_checkpoint_meta`` (``training.save_checkpoint``): after Megatron-LM writes a (synchronous,
+  persistent) checkpoint, rank 0 adds ``instella_meta.json`` to its iteration directory: the plugin's
+  ``checkpoint_meta`` plus the model config, so our tools (``--load``, ``instella convert``, merge)
+  read the weights of checkpoints the upstream host wrote.
 - ``helpers_for_this_python`` (``core.datasets.utils.compile_helpers``): Megatron-LM builds its dataset
   index helpers with ``make``, whose ``python3``/``python3-config`` may name another interpreter than
   the one running (Megatron-LM's ``.python-version`` says 3.12, so pyenv shims pick 3.12 inside the
@@ -106,3 +110,15 @@ def _compile_helpers(original):
                              "it needs make, a C++ compiler and pybind11")
         return None
     return compile_helpers
+
+
+@register_patch("plugin_checkpoint_meta", "megatron.training.training", "save_checkpoint",
+                reason="instella_meta.json (plugin checkpoint_meta + model config) in each upstream checkpoint")
+def _checkpoint_meta(original):
+    def save_checkpoint(iteration, *args, **kwargs):
+        out = original(iteration, *args, **kwargs)
+        host = current_host()
+        if host is not None and not kwargs.get("non_persistent_ckpt", False):
+            host.write_checkpoint_meta(iteration, release=bool(kwargs.get("release", False)))
+        return out
+    return save_checkpoint
