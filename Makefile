@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: venv test test-slow demo bench clean
 
-$(VENV)/.installed: setup.py constraints.txt $(shell find csrc -type f 2>/dev/null)
+$(VENV)/.installed: setup.py pyproject.toml constraints.txt $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0 setuptools wheel
 	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]'
