@@ -13,7 +13,7 @@ import torch
 from instella_plugin.model.config import get_preset
 from instella_plugin.model.context_parallel import batch_for_cp_rank, check_cp_layout, cp_token_index
 from instella_plugin.testing.distributed import run_distributed
-from test_model_parity import _check_grads, _gather_hf, random_hf_weights
+from instella_plugin.testing.olmoe_reference import check_grads, gather_hf, random_hf_weights
 from test_packed_attention import make_packed_batches, segment_reference
 
 CFG = get_preset("instella-test", num_layers=2)
@@ -53,7 +53,7 @@ def _cp_worker(cfg, hf, batches_per_dp_rank, variants):
                                        num_microbatches=NUM_MB)
         total = sum_over_dp_cp(torch.stack([r["lm loss"] for r in reports]).sum(0))
         results[packed] = dict(logits=logits, loss=(total[0] / total[1]).item(),
-                               grads=_gather_hf(model, cfg, "main_grad"),
+                               grads=gather_hf(model, cfg, "main_grad"),
                                dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank())
     if cp > 1:  # the local backend implements a2a only: other comm types are refused by name
         try:
@@ -104,7 +104,7 @@ def _run_and_check(references, world, tp, cp, dp=1):
             grads.update(r[packed]["grads"])
         losses = {round(r[packed]["loss"], 12) for r in res}
         assert len(losses) == 1
-        _check_grads(grads, ref_grads, losses.pop(), ref_loss)
+        check_grads(grads, ref_grads, losses.pop(), ref_loss)
     return res
 
 

@@ -1,8 +1,4 @@
 """Model presets, parameter count, layout validation, the bf16 rounding order and the spec registry."""
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 

@@ -17,54 +17,10 @@ from instella_plugin.model.packed_attention import (
     packed_seq_params_from_cu_seqlens,
     packed_seq_params_from_tokens,
 )
-from test_model_parity import random_hf_weights
+from instella_plugin.testing.olmoe_reference import build_olmoe, olmoe_grads, random_hf_weights
 
 CFG = get_preset("instella-test")
 EOD = 0
-
-
-# ---- the independent reference (also used by test_context_parallel) --------------------------------
-def build_olmoe(cfg, hf):
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    oc = OlmoeConfig(vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size,
-                     intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
-                     num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
-                     num_experts=1, num_experts_per_tok=1, rms_norm_eps=cfg.norm_epsilon,
-                     max_position_embeddings=cfg.seq_length, tie_word_embeddings=False,
-                     rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base})
-    oc._attn_implementation = "eager"
-    model = OlmoeForCausalLM(oc).float()
-    sd = {k: hf[k] for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = hf[p + "pre_attention_layernorm.weight"]
-        sd[p + "post_attention_layernorm.weight"] = hf[p + "pre_feedforward_layernorm.weight"]
-        for s in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
-            sd[p + f"self_attn.{s}.weight"] = hf[p + f"self_attn.{s}.weight"]
-        sd[p + "mlp.gate.weight"] = torch.zeros(1, cfg.hidden_size)
-        sd[p + "mlp.experts.gate_up_proj"] = torch.cat([hf[p + "mlp.gate_proj.weight"],
-                                                       hf[p + "mlp.up_proj.weight"]])[None]
-        sd[p + "mlp.experts.down_proj"] = hf[p + "mlp.down_proj.weight"][None]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    return model
-
-
-def olmoe_grads(model, cfg):
-    """Gradients under the HF Instella names the megatron workers report."""
-    grads = {"model.embed_tokens.weight": model.model.embed_tokens.weight.grad,
-             "model.norm.weight": model.model.norm.weight.grad, "lm_head.weight": model.lm_head.weight.grad}
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
-        grads[p + "pre_attention_layernorm.weight"] = layer.input_layernorm.weight.grad
-        grads[p + "pre_feedforward_layernorm.weight"] = layer.post_attention_layernorm.weight.grad
-        for s in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
-            grads[p + f"self_attn.{s}.weight"] = getattr(layer.self_attn, s).weight.grad
-        gate, up = layer.mlp.experts.gate_up_proj.grad[0].chunk(2)
-        grads[p + "mlp.gate_proj.weight"], grads[p + "mlp.up_proj.weight"] = gate, up
-        grads[p + "mlp.down_proj.weight"] = layer.mlp.experts.down_proj.grad[0]
-    return grads
 
 
 def row_segments(tokens, packed):

@@ -2,7 +2,6 @@
 import argparse
 import math
 import re
-import os
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ The parameter count comes from the dataclass alone (no model is built). Validati
 before anything expensive, so a bad layout fails with the fix in the message.
 """
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

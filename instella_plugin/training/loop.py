@@ -7,7 +7,6 @@ micro-batches, optimizer step, scheduler, logging, eval, save, exit checks).
 """
 import logging
 import math
-import os
 import time
 
 import torch
