@@ -254,33 +254,43 @@ def _run_upstream(mlm: str, args, timeout=1500) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
-                    reason="MEGATRON_LM_DIR is not set: point it at a Megatron-LM checkout at tag core_v0.16.1 "
-                           "to run upstream pretrain_gpt.py --plugin instella against our trainer (CI has none)")
-def test_upstream_pretrain_gpt_matches_our_trainer(tmp_path):
-    import json
+NEEDS_CHECKOUT = pytest.mark.skipif(
+    not os.environ.get("MEGATRON_LM_DIR"),
+    reason="MEGATRON_LM_DIR is not set: point it at a Megatron-LM checkout at tag core_v0.16.1 to run upstream "
+           "pretrain_gpt.py --plugin instella against our trainer (CI has none)")
 
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """(patched copy of MEGATRON_LM_DIR, its commit, common flags, the shared --load checkpoint, work dir)."""
     from instella_plugin.data.demo_corpus import build_demo_corpus
-    from instella_plugin.testing.trainer import read_log, run_trainer
+    from instella_plugin.testing.trainer import run_trainer
 
+    work = tmp_path_factory.mktemp("upstream")
     src = os.environ["MEGATRON_LM_DIR"]
     assert os.path.isfile(os.path.join(src, "pretrain_gpt.py")), f"MEGATRON_LM_DIR={src} is not a Megatron-LM checkout"
-    mlm = str(tmp_path / "megatron-lm")
+    mlm = str(work / "megatron-lm")
     _copy_checkout(src, mlm)
     proc = _apply(mlm)
     assert proc.returncode == 0, proc.stderr
     commit = subprocess.run(["git", "-C", mlm, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-
-    data = str(tmp_path / "data")
+    data = str(work / "data")
     build_demo_corpus(data, num_docs=400, num_chats=16)
     common = [*RECIPE, "--data-blend", "tiny", "--data-root", data]
-    start = str(tmp_path / "start")  # the shared --load checkpoint: one iteration of our trainer
+    start = str(work / "start")  # the shared --load checkpoint: one iteration of our trainer (TP=2)
     run_trainer(2, [*common, "--no-plot", "--train-iters", "1", "--lr-warmup-iters", "0", "--save", start])
-    # theta moves 10000 -> 40000 over iterations 1..4, so the RoPE hook shows in the losses (3e-5 at iteration 3)
-    run = ["--train-iters", "5", "--lr-warmup-iters", "2", "--load", start, "--finetune",
-           "--rope-schedule", "geometric:10000:40000:1:4"]
-    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    return mlm, commit, common, start, work
+
+
+def _both_hosts(upstream, name, extra):
+    """Train 5 iterations from the shared checkpoint on both hosts; return (ours dir, upstream dir, records)."""
+    import json
+
+    from instella_plugin.testing.trainer import read_log, run_trainer
+
+    mlm, commit, common, start, work = upstream
+    run = ["--train-iters", "5", "--lr-warmup-iters", "2", "--load", start, "--finetune", *extra]
+    ours, theirs = str(work / f"ours_{name}"), str(work / f"theirs_{name}")
     run_trainer(2, [*common, *run, "--no-plot", "--save", ours])
     up = _run_upstream(mlm, [*common, *run, "--transformer-impl", "local", "--num-workers", "0", "--save", theirs])
     assert "successfully loaded checkpoint from" in up.stdout, up.stdout[-3000:]
@@ -289,7 +299,7 @@ def test_upstream_pretrain_gpt_matches_our_trainer(tmp_path):
     got, _ = read_log(theirs)
     records = [json.loads(line) for line in open(os.path.join(theirs, "train_log.jsonl"), encoding="utf-8")]
     assert {r["host"] for r in records} == {"megatron-lm"}
-    print(f"Megatron-LM {commit} ({TAG}); per-iteration loss, ours vs upstream pretrain_gpt.py --plugin instella:")
+    print(f"\nMegatron-LM {commit} ({TAG}), {name}: per-iteration loss, ours vs upstream pretrain_gpt.py --plugin instella")
     for it in sorted(want):
         print(f"  {it}: {want[it]:.9f} {got.get(it, float('nan')):.9f}  rel {abs(got.get(it, 0) - want[it]) / want[it]:.2e}")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
@@ -300,11 +310,18 @@ def test_upstream_pretrain_gpt_matches_our_trainer(tmp_path):
         assert r["lr"] == pytest.approx(mine[r["iteration"]]["lr"], rel=1e-12)
         assert r["grad_norm"] == pytest.approx(mine[r["iteration"]]["grad_norm"], rel=1e-5)
         assert r["rope_theta"] == mine[r["iteration"]]["rope_theta"]
+    return ours, theirs, records
+
+
+@pytest.mark.slow
+@NEEDS_CHECKOUT
+def test_upstream_pretrain_gpt_matches_our_trainer(upstream):
+    """The tiny recipe as it is (TP=2), with a RoPE schedule; then the checkpoint upstream wrote."""
+    # theta moves 10000 -> 40000 over iterations 1..4, so the RoPE hook shows in the losses (3e-5 at iteration 3)
+    ours, theirs, records = _both_hosts(upstream, "tp2", ["--rope-schedule", "geometric:10000:40000:1:4"])
     assert [r["rope_theta"] for r in records] == pytest.approx([1e4, 1e4, 1e4 * 4 ** (1 / 3), 1e4 * 4 ** (2 / 3), 4e4])
 
     # The checkpoint upstream wrote carries instella_meta.json, and its weights are ours (to float rounding).
-    import torch
-
     from instella_plugin.hf.megatron_io import MegatronCheckpoint, param_names
     from instella_plugin.training.checkpointing import read_meta, resolve_checkpoint_dir
 
@@ -316,3 +333,11 @@ def test_upstream_pretrain_gpt_matches_our_trainer(tmp_path):
     worst = max((a.read_param(n).double() - b.read_param(n).double()).abs().max().item() for n in param_names(4))
     print(f"  weights after 5 iterations: max |ours - upstream| = {worst:.2e}")
     assert worst <= 1e-6
+
+
+@pytest.mark.slow
+@NEEDS_CHECKOUT
+def test_upstream_pipeline_with_virtual_stages_matches_our_trainer(upstream):
+    """PP=2 x VPP=2 (TP=1): the builder's chunks per virtual stage, loading a TP=2 checkpoint into them."""
+    _both_hosts(upstream, "pp2vpp2", ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+                                      "--num-layers-per-virtual-pipeline-stage", "1"])

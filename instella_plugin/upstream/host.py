@@ -220,6 +220,9 @@ class PluginHost:
         if pg_collection is not None and not _default_groups(pg_collection):
             raise SystemExit("error: --plugin does not build models for a separate process-group collection "
                              "(RL inference models)")
+        if self.cfg is None:
+            raise SystemExit("error: the plugin's arguments were never finalized (--yaml-cfg skips Megatron-LM's "
+                             "validate_args, where the plugin host runs); drop --yaml-cfg with --plugin")
         if self._chunks is None:
             self._chunks = self.plugin.build_model(args, self.cfg, self.transformer_config(args))
         chunk = self._chunks[vp_stage or 0]

@@ -15,6 +15,11 @@ module, or running Megatron-LM without ``--plugin``, changes nothing), and is li
   persistent) checkpoint, rank 0 adds ``instella_meta.json`` to its iteration directory: the plugin's
   ``checkpoint_meta`` plus the model config, so our tools (``--load``, ``instella convert``, merge)
   read the weights of checkpoints the upstream host wrote.
+- ``plugin_legacy_qkv_fix`` (``checkpointing.fix_query_key_value_ordering``): our checkpoints carry no
+  ``checkpoint_version``, which Megatron-LM reads as 0 and "fixes" the QKV ordering of legacy
+  (pre-megatron-core) parameter names; megatron-core models have none of those names, so the fix
+  is a no-op, except that it asserts a single model chunk and so fails with virtual pipeline stages.
+  It runs only when a legacy name exists.
 - ``helpers_for_this_python`` (``core.datasets.utils.compile_helpers``): Megatron-LM builds its dataset
   index helpers with ``make``, whose ``python3``/``python3-config`` may name another interpreter than
   the one running (Megatron-LM's ``.python-version`` says 3.12, so pyenv shims pick 3.12 inside the
@@ -122,3 +127,19 @@ def _checkpoint_meta(original):
             host.write_checkpoint_meta(iteration, release=bool(kwargs.get("release", False)))
         return out
     return save_checkpoint
+
+
+_LEGACY_QKV = (".query_key_value.weight", ".query_key_value.bias", ".key_value.weight", ".key_value.bias")
+
+
+@register_patch("plugin_legacy_qkv_fix", "megatron.training.checkpointing", "fix_query_key_value_ordering",
+                reason="legacy QKV reordering (no-op for megatron-core names) asserts one chunk; skipped without "
+                       "legacy names")
+def _legacy_qkv_fix(original):
+    def fix_query_key_value_ordering(model, checkpoint_version):
+        chunks = model if isinstance(model, list) else [model]
+        if current_host() is not None and not any(
+                name.endswith(_LEGACY_QKV) for chunk in chunks for name, _ in chunk.named_parameters()):
+            return None
+        return original(model, checkpoint_version)
+    return fix_query_key_value_ordering
