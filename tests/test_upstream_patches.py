@@ -96,7 +96,8 @@ def test_apply_twice_changes_nothing_the_second_time(tmp_path):
     text = after["pretrain_gpt.py"].decode()
     assert "PluginHost(sys.argv[1:])" in text and "hooks = _plugin_host.hooks(**hooks)" in text
     for name in _series():
-        assert re.search(rf"^applied {re.escape(name)}: pretrain_gpt.py \(\+\d+ -\d+\)$", first.stdout, re.M), first.stdout
+        line = rf"^applied {re.escape(name)}: pretrain_gpt.py \(\+\d+ -\d+\)$"
+        assert re.search(line, first.stdout, re.M), first.stdout
     assert f"at tag {TAG}" in first.stdout
 
     second = _apply(repo)
@@ -216,6 +217,25 @@ def test_readme_lists_every_change():
     assert registry.applied() == []  # importing patches nothing
 
 
+def test_host_arguments_join_megatron_parser_without_clashes():
+    """The plugin's flags join a Megatron-LM-style parser; a flag it already has keeps its definition."""
+    import argparse
+
+    from instella_plugin.training.plugins import load_plugin
+    from instella_plugin.upstream.host import PluginHost, wants_plugin
+
+    host = PluginHost.__new__(PluginHost)  # no __init__: it would switch this process to the CPU mode
+    host.plugin, host.parser = load_plugin("instella"), None
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--data-blend", type=int, default=7)  # stands for a flag both define
+    parser = host.extra_args_provider(lambda p: p)(parser)
+    args = parser.parse_args(["--plugin", "instella", "--instella-recipe", "tiny-cpu", "--device", "cpu"])
+    assert (args.plugin, args.instella_recipe, args.device, args.data_blend) == ("instella", "tiny-cpu", "cpu", 7)
+    assert host.parser is parser and args.decay_all_params is False
+    assert wants_plugin(["--plugin=instella"]) and not wants_plugin(["--plugins", "x"])
+
+
 def test_cpu_stand_in_for_batch_invariant_kernels():
     code = ("import importlib, sys\n"
             "from instella_plugin.upstream import cpu\n"
@@ -299,9 +319,10 @@ def _both_hosts(upstream, name, extra):
     got, _ = read_log(theirs)
     records = [json.loads(line) for line in open(os.path.join(theirs, "train_log.jsonl"), encoding="utf-8")]
     assert {r["host"] for r in records} == {"megatron-lm"}
-    print(f"\nMegatron-LM {commit} ({TAG}), {name}: per-iteration loss, ours vs upstream pretrain_gpt.py --plugin instella")
+    print(f"\nMegatron-LM {commit} ({TAG}), {name}: loss per iteration, ours vs upstream pretrain_gpt.py --plugin")
     for it in sorted(want):
-        print(f"  {it}: {want[it]:.9f} {got.get(it, float('nan')):.9f}  rel {abs(got.get(it, 0) - want[it]) / want[it]:.2e}")
+        other = got.get(it, float("nan"))
+        print(f"  {it}: {want[it]:.9f} {other:.9f}  rel {abs(other - want[it]) / want[it]:.2e}")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
     for it in want:
         assert abs(got[it] - want[it]) <= 1e-6 * abs(want[it]), (it, want[it], got[it])

@@ -70,6 +70,12 @@ def _default_groups(pg_collection) -> bool:
             and getattr(pg_collection, "pp", None) is ps.get_pipeline_model_parallel_group())
 
 
+def _refuse_batch_hook_features(args) -> None:
+    if getattr(args, "packed_documents", False) or args.context_parallel_size > 1:
+        raise SystemExit("error: --packed-documents and --context-parallel-size > 1 need the plugin's batch hook, "
+                         "which Megatron-LM's get_batch does not call; train these with instella's pretrain_gpt.py")
+
+
 class PluginHost:
     """Adapter between Megatron-LM's training entry and one plugin object."""
 
@@ -143,8 +149,6 @@ class PluginHost:
             raise RuntimeError("PluginHost.finalize before the extra-arguments provider ran")
         explicit = explicit_dests(self.parser, self.argv)
         args.explicit = explicit
-        if getattr(args, "yaml_cfg", None):
-            raise SystemExit("error: --yaml-cfg with --plugin: the plugin configures the model; drop one of them")
         if getattr(args, "use_legacy_models", False):
             raise SystemExit("error: --use-legacy-models with --plugin: plugins build megatron-core models")
         if self.cpu:
@@ -155,10 +159,9 @@ class PluginHost:
                     raise SystemExit(f"error: --{key.replace('_', '-')} {getattr(args, key)} in the CPU mode, which "
                                      f"needs {value}; drop the flag or run on a GPU")
                 setattr(args, key, value)
+        _refuse_batch_hook_features(args)  # before the plugin reads Megatron-LM's own --cp-comm-type list
         self.plugin.finalize_args(args)
-        if getattr(args, "packed_documents", False) or args.context_parallel_size > 1:
-            raise SystemExit("error: --packed-documents and --context-parallel-size > 1 need the plugin's batch hook, "
-                             "which Megatron-LM's get_batch does not call; train these with instella's pretrain_gpt.py")
+        _refuse_batch_hook_features(args)  # a recipe may have set them
         args.calculate_per_token_loss = True  # the plugin's loss: per-token mean over the global batch
         args.create_attention_mask_in_dataloader = False  # causal mask type in the spec; datasets make none
         if args.tokenizer_type is None and not args.tokenizer_model:
