@@ -120,12 +120,6 @@ class InstellaConfig:
             fp16=params_dtype == torch.float16,
             pipeline_dtype=params_dtype,
             perform_initialization=False,  # the mitchell init is applied by init.py, layout-independently
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            masked_softmax_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
         )
         if cpu or cpu_mode.is_enabled():
             kwargs.update(cpu_mode.cpu_safe_config_overrides())
