@@ -17,8 +17,10 @@ backend lacks (megatron's own asserts ``packed_seq_params is None`` and ``contex
 * **Context parallelism** (``--cp-comm-type a2a``): see ``context_parallel``; the all-to-all runs
   here, after megatron has applied the QK-norm and RoPE to the local tokens.
 
-With no packed sequences and CP 1 ``forward`` is megatron's ``DotProductAttention.forward``, so
-ordinary batches compute exactly what they did before. With Transformer Engine the ``instella-te``
+Ordinary (unpacked, CP 1) causal batches take the same fused ``scaled_dot_product_attention`` path
+as one document per row, instead of megatron's dense ``[b*n, s, s]`` scores (same function,
+less memory, faster on CPU and GPU); anything that path does not cover (explicit masks, attention
+bias, dropout, softmax offsets) goes to megatron's ``DotProductAttention.forward``. With Transformer Engine the ``instella-te``
 spec uses TE's attention, whose thd and CP paths take the same ``PackedSeqParams`` and flags.
 """
 import copy
@@ -138,10 +140,12 @@ class InstellaDotProductAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: Optional[PackedSeqParams] = None):
-        if packed_seq_params is None and self.cp_size == 1:
+        problems = self._unsupported(attention_mask, attn_mask_type, attention_bias)
+        if packed_seq_params is None and self.cp_size == 1 and problems:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=None)
-        self._check_supported(attention_mask, attn_mask_type, attention_bias)
+        if problems:
+            raise ValueError("packed-document / context-parallel attention does not support: " + "; ".join(problems))
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if thd:
             if self.cp_size > 1:
@@ -164,7 +168,8 @@ class InstellaDotProductAttention(DotProductAttention):
             return context.reshape(context.shape[0], -1)  # [t, n * d]
         return context.reshape(s_local, b, -1)  # [s/cp, b, n * d]
 
-    def _check_supported(self, attention_mask, attn_mask_type, attention_bias):
+    def _unsupported(self, attention_mask, attn_mask_type, attention_bias) -> List[str]:
+        """What keeps this call off the SDPA path (megatron's own attention then serves unpacked batches)."""
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         problems = []
         if mask_type != AttnMaskType.causal:
@@ -177,8 +182,7 @@ class InstellaDotProductAttention(DotProductAttention):
             problems.append(f"attention dropout {self.dropout_p} (Instella uses none)")
         if getattr(self, "softmax_offset", None) is not None:
             problems.append("softmax offsets")
-        if problems:
-            raise ValueError("packed-document / context-parallel attention does not support: " + "; ".join(problems))
+        return problems
 
     def _attend(self, q, k, v, segments):
         """Per-document causal attention. q: [s, b, n, d]; k, v: [s, b, g, d]; returns [s, b, n, d]."""
