@@ -9,29 +9,17 @@ through the trainer's ``load_model_weights`` at TP=1/PP=1 into a model with the 
 writer's key layout is checked against ``GPTModel.sharded_state_dict()`` of a real model.
 """
 import json
-import math
 import os
 
 import pytest
 import torch
 
 from instella_plugin.model.config import get_preset
-from instella_plugin.model.weight_map import hf_shapes
 from instella_plugin.testing.distributed import run_distributed
+from instella_plugin.testing.olmoe_reference import random_hf_weights
 
 CFG = get_preset("instella-test", rotary_base=50000.0)
 SEQ, MBS = 12, 2
-
-
-def random_hf(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in hf_shapes(cfg).items():
-        if name.endswith("norm.weight"):
-            out[name] = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            out[name] = torch.randn(shape, generator=g) * (0.5 / math.sqrt(shape[-1]))
-    return out
 
 
 def batch(cfg, seed=1):
@@ -92,7 +80,7 @@ def exported(tmp_path_factory):
     from instella_plugin.hf.convert import hf_to_megatron, megatron_to_hf
 
     root = tmp_path_factory.mktemp("roundtrip")
-    hf, b = random_hf(CFG), batch(CFG)
+    hf, b = random_hf_weights(CFG), batch(CFG)
     results = run_distributed(_save_worker, 4, CFG, hf, b, str(root / "mg"), tp=2, pp=2)
     logits = next(r for r in results if r is not None)
     for fmt in ("instella", "olmoe"):

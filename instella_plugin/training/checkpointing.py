@@ -21,6 +21,8 @@ from typing import List, Optional
 
 import torch
 
+from instella_plugin.training.model_setup import unwrap
+
 log = logging.getLogger(__name__)
 
 # Optimizer state that reshards across DP, TP and PP (the distributed optimizer included).
@@ -80,15 +82,9 @@ def _barrier():
         torch.distributed.barrier()
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def model_sharded_state_dict(model_chunks) -> dict:
     """Megatron-LM's layout: ``model`` (or ``model0``, ``model1``... with virtual pipeline stages)."""
-    chunks = [_unwrap(m) for m in model_chunks]
+    chunks = [unwrap(m) for m in model_chunks]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
@@ -214,7 +210,7 @@ def load_checkpoint(path: str, model_chunks, *, optimizer=None, scheduler=None, 
         state["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(state, ckpt)
     for i, m in enumerate(model_chunks):
-        _unwrap(m).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"], strict=True)
+        unwrap(m).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"], strict=True)
     if optimizer is not None:
         from instella_plugin.megatron_fixes import unshare_adam_steps
 
