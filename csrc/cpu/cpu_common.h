@@ -21,6 +21,30 @@ namespace cpu {
 // Rows per chunk for deterministic column sums: at most 64 chunks, a function of rows only.
 inline int64_t rows_per_chunk(int64_t rows) { return rows <= 64 ? 1 : (rows + 63) / 64; }
 
+// Row reductions in double keep kLanes independent partial sums, lane j taking elements j, j + kLanes,
+// ...: the loop then runs at load speed instead of waiting on one accumulator's add latency, and
+// the order of additions is fixed (the result is the same on every run and ISA clone).
+constexpr int kLanes = 32;
+
+struct LaneSums {
+  double v[kLanes] = {};
+  INSTELLA_INLINE double total() const {
+    double s = 0;
+    for (int j = 0; j < kLanes; ++j) s += v[j];
+    return s;
+  }
+};
+
+// Adds f(i) for i in [0, n) to the lanes; f returns a double.
+template <class F> INSTELLA_INLINE void lane_sum(LaneSums& acc, int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc.v[j] += f(i + j);
+  }
+  for (int j = 0; i + j < n; ++j) acc.v[j] += f(i + j);
+}
+
 // Calls f(T{}) with T the C++ type of dt.
 template <class F> void dispatch(DType dt, F&& f) {
   switch (dt) {

@@ -19,16 +19,15 @@ namespace {
 
 template <class T>
 INSTELLA_INLINE double row_sumsq(const T* xr, const QKShape& sh) {
-  double ss = 0;  // reductions in double: exact to fp32 for any width
+  LaneSums ss;  // reductions in double: exact to fp32 for any width
   for (int64_t h = 0; h < sh.heads; ++h) {
     const T* xh = xr + h * sh.stride_h;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t d = 0; d < sh.head_dim; ++d) {
+    lane_sum(ss, sh.head_dim, [&](int64_t d) {
       const double v = to_acc(xh[d]);
-      ss += v * v;
-    }
+      return v * v;
+    });
   }
-  return ss;
+  return ss.total();
 }
 
 template <class A>

@@ -20,13 +20,12 @@ INSTELLA_INLINE void fwd_rows(const T* x, int64_t xs, const T* w, T* y, typename
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * xs;
     T* yr = y + r * n;
-    double ss = 0;  // reductions in double: the sum is then exact to fp32 for any width
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < n; ++i) {
+    LaneSums ss;  // reductions in double: the sum is then exact to fp32 for any width
+    lane_sum(ss, n, [&](int64_t i) {
       const double v = to_acc(xr[i]);
-      ss += v * v;
-    }
-    const A inv = A(1.0 / sqrt(ss / double(n) + eps));
+      return v * v;
+    });
+    const A inv = A(1.0 / sqrt(ss.total() / double(n) + eps));
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       yr[i] = from_acc<T>(to_acc(w[i]) * round_to<T>(to_acc(xr[i]) * inv));
@@ -48,15 +47,14 @@ INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, 
     const T* gr = dy + r * dys;
     T* dxr = dx + r * n;
     const A inv = rstd[r];
-    double dot = 0;  // sum_i dn_i * x_i with dn = dy * w
-#pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < n; ++i) {
+    LaneSums dot;  // sum_i dn_i * x_i with dn = dy * w
+    lane_sum(dot, n, [&](int64_t i) {
       const A xv = to_acc(xr[i]);
       const A g = to_acc(gr[i]);
-      dot += double(g * to_acc(w[i])) * double(xv);
       part[i] += g * round_to<T>(xv * inv);
-    }
-    const A c = A(double(inv) * inv * inv * dot / double(n));
+      return double(g * to_acc(w[i])) * double(xv);
+    });
+    const A c = A(double(inv) * inv * inv * dot.total() / double(n));
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       dxr[i] = from_acc<T>(inv * to_acc(gr[i]) * to_acc(w[i]) - c * to_acc(xr[i]));

@@ -43,9 +43,9 @@ INSTELLA_HD void sincos_acc(float a, float* s_out, float* c_out) {
   r = fma(-k, 6.123233995736766e-17, r);               // pi/2, low part
   double s, c;
   sincos_small(r, &s, &c);
-  const double q = k - 4.0 * floor(k * 0.25);  // quadrant 0..3
-  const double sin_v = q == 0.0 ? s : q == 1.0 ? c : q == 2.0 ? -s : -c;
-  const double cos_v = q == 0.0 ? c : q == 1.0 ? -s : q == 2.0 ? -c : s;
+  const int q = int(k) & 3;  // quadrant 0..3 (two's complement: also for negative k); vectorises
+  const double sin_v = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
+  const double cos_v = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
   *s_out = float(sin_v);
   *c_out = float(cos_v);
 }

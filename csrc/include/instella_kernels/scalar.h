@@ -62,4 +62,11 @@ template <class T> INSTELLA_HD typename Acc<T>::type round_to(typename Acc<T>::t
   return to_acc(from_acc<T>(v));
 }
 
+// The same for bf16 without narrowing to 16 bits and widening back (so loops stay in 32-bit lanes).
+template <> INSTELLA_HD float round_to<bf16>(float v) {
+  const uint32_t u = float_to_bits(v);
+  const uint32_t r = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : (u + 0x7fffu + ((u >> 16) & 1u));
+  return bits_to_float(r & 0xffff0000u);
+}
+
 }  // namespace instella
