@@ -14,7 +14,7 @@ import torch
 from instella_plugin.training import checkpointing
 from instella_plugin.training.datasets import dataset_sizes, microbatches
 from instella_plugin.training.forward_step import run_forward_backward
-from instella_plugin.training.model_setup import wrap_ddp
+from instella_plugin.training.model_setup import describe, wrap_ddp
 from instella_plugin.training.progress import Progress
 from instella_plugin.training.setup import (
     build_optimizer_and_scheduler,
@@ -78,6 +78,8 @@ def pretrain(args, plugin) -> dict:
         recompute_num_layers=args.recompute_num_layers,
         **plugin.transformer_config_overrides(args))
     chunks = plugin.build_model(args, cfg, tcfg)
+    if torch.distributed.get_rank() == 0:
+        print(describe(chunks, device.type), flush=True)
     if device.type != "cpu":
         chunks = [c.to(device) for c in chunks]
     model = wrap_ddp(chunks, use_distributed_optimizer=args.use_distributed_optimizer,

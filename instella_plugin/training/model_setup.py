@@ -40,3 +40,30 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
+
+
+def describe(chunks: List[torch.nn.Module], device_type: str = "cpu") -> str:
+    """One line: this rank's parameter count and the classes a transformer layer is built from (so a
+    log shows which spec really ran), plus the kernel backend when the layers use the fused kernels."""
+    chunks = [unwrap(c) for c in chunks]
+    params = sum(p.numel() for c in chunks for p in c.parameters())
+    text = f"model: {len(chunks)} chunk(s), {params:,} parameters on this rank"
+    layers = [layer for c in chunks for layer in getattr(getattr(c, "decoder", None), "layers", [])]
+    if not layers:
+        return text
+    layer = layers[0]
+    att, mlp = getattr(layer, "self_attention", None), getattr(layer, "mlp", None)
+    parts = [f"norm {type(layer.input_layernorm).__name__}"]
+    if att is not None:
+        parts.append(f"attention {type(att).__name__} ({type(att.core_attention).__name__})")
+        if type(getattr(att, "q_layernorm", None)).__name__ not in ("NoneType", "IdentityOp"):
+            parts.append(f"qk-norm {type(att.q_layernorm).__name__}")
+    if mlp is not None:
+        parts.append(f"mlp {type(mlp).__name__}")
+    text += "; layer: " + ", ".join(parts)
+    modules = (layer.input_layernorm, att, mlp, getattr(att, "q_layernorm", None))
+    if any(type(m).__module__.startswith("instella_plugin.kernels") for m in modules if m is not None):
+        from instella_plugin import kernels
+
+        text += f"; fused kernels: {kernels.backend(device_type)}"
+    return text
