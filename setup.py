@@ -48,6 +48,8 @@ setup(
             "instella = instella_plugin.model.specs:instella_local_spec",
             "instella-te = instella_plugin.model.specs:instella_te_spec",
             "instella-fused = instella_plugin.kernels.fused_spec:instella_fused_spec",
+            "instella-fused-apex = instella_plugin.kernels.fused_spec:instella_fused_apex_spec",
+            "instella-fused-te = instella_plugin.kernels.fused_spec:instella_fused_te_spec",
         ],
     },
     ext_modules=ext_modules,

@@ -79,7 +79,7 @@ def copy_bandwidth(device, nbytes=256 << 20):
 
 
 def cases(device, dtype, tokens):
-    """(kernel, fused fn, reference fn, args, bytes fwd, bytes fwd+bwd)."""
+    """(kernel, fused fn, reference fn, args, bytes fwd, bytes fwd+bwd, RoPE angles or None)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     e = torch.finfo(dtype).bits // 8
 
@@ -94,22 +94,41 @@ def cases(device, dtype, tokens):
     h = rnd(tokens, 2 * FFN)
     n, nf = tokens * HIDDEN, tokens * FFN
     return [
-        ("rms_norm", lambda a, b: K.rms_norm(a, b), rms_ref, (x, w), 2 * n * e, 5 * n * e),
+        ("rms_norm", lambda a, b: K.rms_norm(a, b), rms_ref, (x, w), 2 * n * e, 5 * n * e, None),
         ("qk_norm_rope", lambda a, b: K.qk_norm_rope(a, b, freqs), lambda a, b: qk_rope_ref(a, b, freqs),
-         (q, w), 2 * n * e, 5 * n * e),
-        ("swiglu", K.swiglu, swiglu_ref, (h,), 3 * nf * e, 8 * nf * e),
+         (q, w), 2 * n * e, 5 * n * e, freqs),
+        ("swiglu", K.swiglu, swiglu_ref, (h,), 3 * nf * e, 8 * nf * e, None),
     ]
 
 
-def library_baselines(device, kernel):
+def library_baselines(device, kernel, freqs=None):
     """Other libraries' fused kernels for ``kernel`` that import here: {name: fn(*args)} (GPU only).
 
     apex and Transformer Engine scale by the weight before casting (not Instella's order); they are
-    timing baselines only. Liger's RMSNorm runs in its "llama" casting mode (cast, then weight).
+    timing baselines only. Liger's RMSNorm runs in its "llama" casting mode (cast, then weight). No
+    library fuses a full-width QK-norm with RoPE; its Liger baseline is the pair of Liger kernels a
+    user would otherwise chain: RMSNorm over the full width, then Liger's RoPE (which rotates a q and a
+    k; k is one head here, so nearly all of its time is q's).
     """
     if device != "cuda":
         return {}
     out = {}
+    if kernel == "qk_norm_rope":
+        try:
+            from liger_kernel.transformers.functional import liger_rms_norm
+            from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+            def liger_qk(x, w):
+                s, b, h, d = x.shape
+                y = liger_rms_norm(x.reshape(s * b, h * d), w, 1e-5, 0.0, "llama", False).reshape(s, b, h, d)
+                cos = torch.cos(freqs).reshape(1, s, d).to(x.dtype)
+                sin = torch.sin(freqs).reshape(1, s, d).to(x.dtype)
+                q = y.permute(1, 2, 0, 3)  # Liger's layout: [b, heads, s, head_dim]
+                q, _ = liger_rotary_pos_emb(q, q[:, :1].contiguous(), cos, sin)
+                return q.permute(2, 0, 1, 3)
+            out["liger"] = liger_qk
+        except ImportError:
+            pass
     if kernel == "rms_norm":
         try:
             from liger_kernel.transformers.functional import liger_rms_norm
@@ -203,13 +222,13 @@ def main(argv=None):
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for t in tokens:
-            for name, fused, ref, args, b_fwd, b_all in cases(dev, dtype, t):
+            for name, fused, ref, args, b_fwd, b_all, freqs in cases(dev, dtype, t):
                 compiled = None if a.no_compile else torch.compile(ref, dynamic=False)
                 for bwd in (False, True):
                     steps = {"fused": make_step(fused, args, bwd), "eager": make_step(ref, args, bwd)}
                     if compiled:
                         steps["compile"] = make_step(compiled, args, bwd)
-                    for lib, lib_fn in library_baselines(dev, name).items():
+                    for lib, lib_fn in library_baselines(dev, name, freqs).items():
                         try:
                             steps[lib] = make_step(lib_fn, args, bwd)
                             steps[lib]()

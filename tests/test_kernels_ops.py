@@ -134,3 +134,47 @@ def test_missing_extension_falls_back_with_one_log_line():
     assert out.stdout.strip() == "fallback"
     lines = [line for line in out.stderr.splitlines() if "instella kernels" in line]
     assert len(lines) == 1 and "PyTorch fallback on cpu" in lines[0], out.stderr
+
+
+# ---- apex / Transformer Engine RMSNorms (instella-fused-apex, instella-fused-te) -------------------------
+@pytest.mark.parametrize("name,library", [("instella-fused-apex", "apex"), ("instella-fused-te", "Transformer Engine")])
+def test_vendor_norm_specs_without_their_library_name_it_and_the_fix(name, library):
+    """Neither library installs on the CPU machines; asking for its spec fails before any building."""
+    from instella_plugin.model import specs
+
+    with pytest.raises(RuntimeError) as e:
+        specs.get_spec(name, config=None)
+    assert library in str(e.value) and "--spec instella-fused" in str(e.value)
+
+
+class _StubTERMSNorm(torch.nn.Module):
+    """Stands in for transformer_engine.pytorch.RMSNorm: its constructor arguments and TE's rounding
+    order (weight applied before the cast)."""
+
+    def __init__(self, hidden_size, eps=1e-5, params_dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.full((hidden_size,), 7.0, dtype=params_dtype, device=device))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (self.weight.float() * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def test_te_norm_uses_its_own_weight_and_keeps_instellas_state_dict(monkeypatch):
+    from types import SimpleNamespace
+
+    from instella_plugin.kernels import vendor_norms
+
+    monkeypatch.setattr(vendor_norms, "te_rms_norm_class", lambda: _StubTERMSNorm)
+    norm = vendor_norms.TERMSNorm(SimpleNamespace(params_dtype=torch.float32, sequence_parallel=True), 8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 8))
+    x = torch.randn(3, 8, requires_grad=True)
+    y = norm(x)
+    x32 = x.detach()
+    expect = norm.weight.detach() * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.detach(), expect)  # the stub's 7.0 weight was replaced by ours
+    y.sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    assert list(norm.state_dict()) == ["weight"] and norm.weight.sequence_parallel

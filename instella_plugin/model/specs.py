@@ -90,6 +90,8 @@ _REGISTRY: Dict[str, Callable] = {
     "instella": instella_local_spec,
     "instella-te": instella_te_spec,
     "instella-fused": "instella_plugin.kernels.fused_spec:instella_fused_spec",  # imported on first use
+    "instella-fused-apex": "instella_plugin.kernels.fused_spec:instella_fused_apex_spec",
+    "instella-fused-te": "instella_plugin.kernels.fused_spec:instella_fused_te_spec",
 }
 
 

@@ -18,7 +18,9 @@
 #   install     pip install --no-deps --no-build-isolation --no-index -e . (INSTELLA_KERNELS=none: the
 #               kernels check builds its own); on failure the checks still run from the checkout
 #   cpu-mode    cpu_mode.enable_if_no_gpu() is False, enable() refuses, torch.cuda/megatron untouched
-#   te-parity   `instella` vs `instella-te` logits on instella-test in bf16 (SKIP without TE)
+#   spec-parity bf16 logits of instella-te, instella-fused (our GPU kernels), instella-fused-te and
+#               instella-fused-apex vs fp32 `instella` on instella-test (a spec whose library does
+#               not import is listed as skipped)
 #   train       20 steps of pretrain_gpt.py --plugin instella --bf16 --mock-data with NCCL:
 #               instella-tiny and instella-1b at TP=1, and at TP=2 where 2 GPUs exist; prints
 #               tokens/s, TFLOP/s per device and MFU (parsed from the trainer's log)
@@ -47,7 +49,7 @@ while [[ $# -gt 0 ]]; do
     --no-kernels) KERNELS=0 ;;
     --budget) BUDGET="$2"; shift ;;
     --steps) STEPS="$2"; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -127,7 +129,7 @@ else
 fi
 
 check cpu-mode 120 20 "$PY" tests/gpu/gpu_checks.py cpu-mode "${DRYFLAG[@]}"
-check te-parity 240 40 "$PY" tests/gpu/gpu_checks.py te-parity "${DRYFLAG[@]}"
+check spec-parity 240 40 "$PY" tests/gpu/gpu_checks.py spec-parity "${DRYFLAG[@]}"
 
 if [[ $DRY -eq 1 ]]; then
   NGPU=2; PRESETS=(instella-test); STEPS=4
