@@ -2,9 +2,10 @@
 
 On a GPU machine: the CPU mode changes nothing, ``instella-te`` and the fused specs give ``instella``'s
 logits within bf16 tolerance (those whose library does not import are named as skipped), and the
-trainer runs with NCCL at TP=1 (and TP=2 with two GPUs) with finite losses and a throughput line. ``tests/gpu/run_gpu_checks.sh`` runs the same
-checks, plus the 1B preset and the kernels, in one timed script. One CPU test keeps the script's log
-parser in step with the trainer's log line.
+trainer runs with NCCL at TP=1 (and TP=2 with two GPUs) with finite losses and a throughput line.
+``tests/gpu/run_gpu_checks.sh`` runs the same checks, plus the 1B preset, the kernels and a fused-spec
+run, in one timed script. On the CPU: the script's log parser keeps in step with the trainer's log
+line, and (slow tier) the whole script passes its dry run.
 """
 import io
 import os
@@ -94,3 +95,16 @@ def test_gpu_script_is_valid_bash():
     if shutil.which("shellcheck"):
         res = subprocess.run(["shellcheck", script], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_passes_on_the_cpu():
+    """Everything but the GPU itself: the script's Python paths on the CPU (gloo, tiny preset), ~30 s."""
+    script = os.path.join(os.path.dirname(CHECKS), "run_gpu_checks.sh")
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OUT", None)
+    res = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, env=env, timeout=600)
+    summary = [ln for ln in res.stdout.splitlines() if ln.startswith(("PASS", "FAIL", "SKIP"))]
+    assert res.returncode == 0 and not any(ln.startswith("FAIL") for ln in summary), res.stdout[-4000:]
+    passed = {ln.split("  ")[1].strip() for ln in summary if ln.startswith("PASS")}
+    assert {"cpu-mode", "spec-parity", "train test tp1", "train test tp2", "train test fused tp1"} <= passed, summary

@@ -260,6 +260,8 @@ def cmd_train(a) -> int:
             "--train-iters", a.steps, "--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", "2",
             "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--decay-all-params", "--adam-beta2", "0.95",
             "--log-interval", interval, "--no-plot", "--seed", "1234"]
+    if a.spec:
+        args += ["--spec", a.spec]
     if not a.dry_run:
         args.append("--bf16")
     if a.seq:
@@ -274,7 +276,11 @@ def cmd_train(a) -> int:
     for raw in proc.stdout.splitlines():
         if raw.startswith("iteration"):
             print(raw)
-    name = f"{a.preset} TP={a.tp} {'bf16 NCCL' if not a.dry_run else 'fp32 gloo (dry run)'}"
+    name = (f"{a.preset}{' --spec ' + a.spec if a.spec else ''} TP={a.tp} "
+            f"{'bf16 NCCL' if not a.dry_run else 'fp32 gloo (dry run)'}")
+    model_line = next((raw for raw in proc.stdout.splitlines() if raw.startswith("model:")), "")
+    if a.spec and "fused" in a.spec and proc.returncode == 0 and "fused kernels: native" not in model_line:
+        return result("FAIL", f"{name}: the fused kernels did not run natively ({model_line})")
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-5000:])
         return result("FAIL", f"{name}: trainer exited {proc.returncode}")
@@ -302,6 +308,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("train")
     t.add_argument("--preset", default="instella-tiny")
     t.add_argument("--tp", type=int, default=1)
+    t.add_argument("--spec", help="layer spec (default: the plugin's, instella)")
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--mbs", type=int)
     t.add_argument("--gbs", type=int)

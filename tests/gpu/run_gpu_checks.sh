@@ -25,6 +25,8 @@
 #               instella-tiny and instella-1b at TP=1, and at TP=2 where 2 GPUs exist; prints
 #               tokens/s, TFLOP/s per device and MFU (parsed from the trainer's log)
 #   kernels     tests/gpu/check_kernels.py (builds and checks the fused kernels), if present
+#   train fused the tiny preset at TP=1 again with --spec instella-fused (fails unless the kernels
+#               run natively)
 #
 # What the GPU machine needs beside its Python and torch (it has no network): megatron-core, PyYAML
 # and numpy (and packaging, setuptools for the editable install) as wheels for its Python, in
@@ -49,7 +51,7 @@ while [[ $# -gt 0 ]]; do
     --no-kernels) KERNELS=0 ;;
     --budget) BUDGET="$2"; shift ;;
     --steps) STEPS="$2"; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -160,6 +162,13 @@ elif [[ $DRY -eq 1 ]]; then
   record SKIP kernels "dry run (its CPU path: python tests/gpu/check_kernels.py --no-install --device cpu)"
 else
   check kernels 300 120 "$PY" tests/gpu/check_kernels.py
+fi
+
+# The tiny preset again with the fused kernels that the kernels check has just built (the install
+# step skips them): tokens/s side by side with the run above.
+if [[ $DRY -eq 1 ]] || (( NGPU >= 1 )); then
+  check "train ${PRESETS[0]#instella-} fused tp1" 180 60 "$PY" tests/gpu/gpu_checks.py train --preset "${PRESETS[0]}" \
+    --tp 1 --steps "$STEPS" --spec instella-fused --timeout 180 "${DRYFLAG[@]}"
 fi
 
 total=$(elapsed)
