@@ -46,7 +46,7 @@ template <class T>
 INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename Acc<T>::type* freqs,
                               const typename Acc<T>::type* ss_in, int64_t full_width, double eps, T* y,
                               typename Acc<T>::type* rstd, typename Acc<T>::type* cs,
-                              typename Acc<T>::type* sn, int64_t r0, int64_t r1) {
+                              typename Acc<T>::type* sn, typename Acc<T>::type* nb, int64_t r0, int64_t r1) {
   using A = typename Acc<T>::type;
   const int64_t hd = sh.head_dim, half = hd / 2, width = sh.heads * hd;
   int64_t cur_s = -1;
@@ -62,6 +62,29 @@ INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename
     rstd[r] = inv;
     T* yr = y + r * width;
     const A *c1 = cs, *c2 = cs + half, *s1 = sn, *s2 = sn + half;
+    if constexpr (sizeof(T) == 2) {
+      // bf16: loops holding 16-bit lanes get twice the vector length, which leaves each half head
+      // (40 values for Instella) a scalar tail. So: normalise and scale head by head into Acc
+      // scratch (head_dim-long loops), rotate there in Acc only, then round the whole row at once.
+      for (int64_t h = 0; h < sh.heads; ++h) {
+        const T *xh = xr + h * sh.stride_h, *wh = w + h * hd;
+        A* nh = nb + h * hd;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) nh[d] = round_to<T>(to_acc(wh[d]) * round_to<T>(to_acc(xh[d]) * inv));
+      }
+      for (int64_t h = 0; h < sh.heads; ++h) {
+        A *n1 = nb + h * hd, *n2 = n1 + half;
+#pragma omp simd
+        for (int64_t d = 0; d < half; ++d) {
+          const A a = n1[d], b = n2[d];
+          n1[d] = a * c1[d] - b * s1[d];
+          n2[d] = b * c2[d] + a * s2[d];
+        }
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) yr[i] = from_acc<T>(nb[i]);
+      continue;
+    }
     for (int64_t h = 0; h < sh.heads; ++h) {  // first and second halves of each head: x1, x2
       const T *x1 = xr + h * sh.stride_h, *x2 = x1 + half, *w1 = w + h * hd, *w2 = w1 + half;
       T *y1 = yr + h * hd, *y2 = y1 + half;
@@ -83,10 +106,21 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
                               const typename Acc<T>::type* freqs, const typename Acc<T>::type* rstd,
                               int64_t full_width, bool split, T* dx, typename Acc<T>::type* dss,
                               typename Acc<T>::type* part, typename Acc<T>::type* dn,
-                              typename Acc<T>::type* cs, typename Acc<T>::type* sn, int64_t r0,
-                              int64_t r1) {
+                              typename Acc<T>::type* cs, typename Acc<T>::type* sn,
+                              typename Acc<T>::type* wide, int64_t r0, int64_t r1) {
   using A = typename Acc<T>::type;
   const int64_t hd = sh.head_dim, half = hd / 2, width = sh.heads * hd;
+  // bf16: the half-head loop below works on Acc values only. Loops holding 16-bit lanes get twice
+  // the vector length, which would leave each half head (40 values for Instella) a scalar tail; so
+  // w is widened once per chunk (wide[0..width)) and x, dy once per head (wide[width..width+2hd)).
+  constexpr bool kWiden = sizeof(T) != sizeof(A);
+  const A* wa_all = reinterpret_cast<const A*>(w);
+  if constexpr (kWiden) {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) wide[i] = to_acc(w[i]);
+    wa_all = wide;
+  }
+  A *xw = wide + width, *gw = xw + hd;
 #pragma omp simd
   for (int64_t i = 0; i < width; ++i) part[i] = 0;
   int64_t cur_s = -1;
@@ -102,8 +136,21 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
     double dot = 0;  // sum over the row of dn * x
     const A *c1 = cs, *c2 = cs + half, *s1 = sn, *s2 = sn + half;
     for (int64_t h = 0; h < sh.heads; ++h) {  // first and second halves of each head
-      const T *xa = xr + h * sh.stride_h, *xb = xa + half, *ga = gr + h * gsh.stride_h, *gb = ga + half;
-      const T *wa = w + h * hd, *wb = wa + half;
+      const A *xa, *ga;
+      if constexpr (kWiden) {
+        const T *xh = xr + h * sh.stride_h, *gh = gr + h * gsh.stride_h;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) {
+          xw[d] = to_acc(xh[d]);
+          gw[d] = to_acc(gh[d]);
+        }
+        xa = xw;
+        ga = gw;
+      } else {
+        xa = reinterpret_cast<const A*>(xr + h * sh.stride_h);
+        ga = reinterpret_cast<const A*>(gr + h * gsh.stride_h);
+      }
+      const A *xb = xa + half, *gb = ga + half, *wa = wa_all + h * hd, *wb = wa + half;
       A *pa = part + h * hd, *pb = pa + half, *na = dn + h * hd, *nb = na + half;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < half; ++d) {
@@ -146,15 +193,15 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
   INSTELLA_CLONES void fwd_chunk(const T* x, QKShape sh, const T* w, const Acc<T>::type* freqs,   \
                                  const Acc<T>::type* ss, int64_t fw, double eps, T* y,              \
                                  Acc<T>::type* rstd, Acc<T>::type* cs, Acc<T>::type* sn,           \
-                                 int64_t r0, int64_t r1) {                                          \
-    fwd_rows<T>(x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, r0, r1);                             \
+                                 Acc<T>::type* nb, int64_t r0, int64_t r1) {                        \
+    fwd_rows<T>(x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, nb, r0, r1);                         \
   }                                                                                                 \
   INSTELLA_CLONES void bwd_chunk(const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,    \
                                  const Acc<T>::type* freqs, const Acc<T>::type* rstd, int64_t fw,  \
                                  bool split, T* dx, Acc<T>::type* dss, Acc<T>::type* part,         \
-                                 Acc<T>::type* dn, Acc<T>::type* cs, Acc<T>::type* sn, int64_t r0, \
-                                 int64_t r1) {                                                      \
-    bwd_rows<T>(dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs, sn, r0, r1);     \
+                                 Acc<T>::type* dn, Acc<T>::type* cs, Acc<T>::type* sn,             \
+                                 Acc<T>::type* wide, int64_t r0, int64_t r1) {                      \
+    bwd_rows<T>(dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs, sn, wide, r0, r1);\
   }
 INSTELLA_QK_WORKERS(float)
 INSTELLA_QK_WORKERS(double)
@@ -183,13 +230,13 @@ void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const 
     const int64_t rows = sh.s * sh.b, step = 16;
 #pragma omp parallel
     {
-      std::vector<A> scratch(2 * size_t(sh.head_dim));
+      std::vector<A> scratch(2 * size_t(sh.head_dim) + size_t(sh.heads * sh.head_dim));
 #pragma omp for schedule(static)
       for (int64_t r0 = 0; r0 < rows; r0 += step) {
         fwd_chunk(static_cast<const T*>(x), sh, static_cast<const T*>(w),
                   static_cast<const A*>(freqs), static_cast<const A*>(ss), full_width, eps,
-                  static_cast<T*>(y), static_cast<A*>(rstd), scratch.data(),
-                  scratch.data() + sh.head_dim, r0, r0 + step < rows ? r0 + step : rows);
+                  static_cast<T*>(y), static_cast<A*>(rstd), scratch.data(), scratch.data() + sh.head_dim,
+                  scratch.data() + 2 * sh.head_dim, r0, r0 + step < rows ? r0 + step : rows);
       }
     }
   });
@@ -207,15 +254,17 @@ void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKSh
     std::vector<A> part(size_t(chunks) * size_t(width));
 #pragma omp parallel
     {
-      std::vector<A> scratch(size_t(width) + 2 * size_t(sh.head_dim));
+      // dn [width], cos and sin [head_dim each], widened w, x and dy [width + 2 head_dim]
+      std::vector<A> scratch(2 * size_t(width) + 4 * size_t(sh.head_dim));
+      A* base = scratch.data();
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
         bwd_chunk(static_cast<const T*>(dy), gsh, static_cast<const T*>(x), sh,
                   static_cast<const T*>(w), static_cast<const A*>(freqs), static_cast<const A*>(rstd),
                   full_width, split, static_cast<T*>(dx), static_cast<A*>(dss),
-                  part.data() + c * width, scratch.data(), scratch.data() + width,
-                  scratch.data() + width + sh.head_dim, r0, r1);
+                  part.data() + c * width, base, base + width, base + width + sh.head_dim,
+                  base + width + 2 * sh.head_dim, r0, r1);
       }
     }
     T* dwp = static_cast<T*>(dw);
