@@ -11,7 +11,14 @@ every out-of-place op, pays for allocating and first-touching its output. Result
 
     python bench/bench_kernels.py                 # full: 4096 and 16384 tokens, fp32 and bf16
     python bench/bench_kernels.py --quick         # 4096 tokens, fp32 only
+    python bench/bench_kernels.py --allocator jemalloc   # every op's output from jemalloc's retained pages
     python bench/bench_kernels.py --device cuda   # same table on a GPU (used by tests/gpu/check_kernels.py)
+
+On the CPU an out-of-place op pays for its output's fresh pages (page faults, the kernel zeroing
+them): with glibc's allocator every tensor this size is a new mmap, so fused, eager and compiled ops
+alike (and clone) run well below copy_ bandwidth. ``--allocator jemalloc`` (PyTorch's CPU tuning
+advice; Debian package libjemalloc2) re-runs this script with jemalloc preloaded and told to keep
+freed pages, which shows what the kernels themselves stream. The allocator is recorded with the results.
 """
 import argparse
 import json
@@ -27,6 +34,34 @@ import time
 # for the fused op and both baselines alike.
 if "--default-alloc" not in sys.argv:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+            "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
+
+
+def _preload_jemalloc():
+    """Re-run this script with jemalloc preloaded (retaining freed pages), unless it already is."""
+    if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = next((p for p in JEMALLOC if os.path.exists(p)), None)
+    if lib is None:
+        sys.exit("--allocator jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2, or set "
+                 "LD_PRELOAD to it yourself); or run with the default allocator")
+    env = dict(os.environ, LD_PRELOAD=lib, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def _requested_allocator(argv):
+    for i, arg in enumerate(argv):
+        if arg.startswith("--allocator="):
+            return arg.split("=", 1)[1]
+        if arg == "--allocator" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "default"
+
+
+if _requested_allocator(sys.argv) == "jemalloc":
+    _preload_jemalloc()
 
 import torch  # noqa: E402
 
@@ -203,6 +238,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(RESULTS, "kernels.json"))
     p.add_argument("--label", default=None, help="label of this run in the results file")
     p.add_argument("--default-alloc", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset")
+    p.add_argument("--allocator", choices=["default", "jemalloc"], default="default",
+                   help="jemalloc: preload it, keeping freed pages (CPU; see above)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (torch.set_num_threads; on a loaded machine 1 thread times more reliably)")
     a = p.parse_args(argv)
@@ -213,8 +250,10 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     copy_gbs, clone_gbs = copy_bandwidth(dev)
     alloc = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    allocator = "jemalloc (retaining pages)" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"
     print(f"device {dev}, backend {K.backend(dev)}, threads {torch.get_num_threads()}, "
-          f"copy bandwidth {copy_gbs:.1f} GB/s (clone {clone_gbs:.1f} GB/s), THP_MEM_ALLOC_ENABLE={alloc}")
+          f"copy bandwidth {copy_gbs:.1f} GB/s (clone {clone_gbs:.1f} GB/s), THP_MEM_ALLOC_ENABLE={alloc}, "
+          f"allocator {allocator}")
     hdr = (f"{'kernel':13s} {'dtype':8s} {'tokens':>6s} {'pass':7s} {'fused ms':>9s} {'GB/s':>7s} "
            f"{'%copy':>6s} {'%clone':>6s} {'eager ms':>9s} {'x eager':>8s} {'compile ms':>10s} {'x compile':>9s}")
     print(hdr)
@@ -253,7 +292,7 @@ def main(argv=None):
                   device_name=(torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
                                or platform.machine()),
                   torch=torch.__version__, threads=torch.get_num_threads(), backend=K.backend(dev),
-                  copy_gbs=copy_gbs, clone_gbs=clone_gbs, thp_mem_alloc=alloc, rows=rows)
+                  copy_gbs=copy_gbs, clone_gbs=clone_gbs, thp_mem_alloc=alloc, allocator=allocator, rows=rows)
     append_json(a.out, record)
     plot(a.out, record, os.path.splitext(a.out)[0] + (".png" if dev == "cpu" else f"_{dev}.png"))
     return record
@@ -294,7 +333,8 @@ def plot(path, record, png):
     ax.set_xticklabels(labels, fontsize=6)
     ax.set_ylabel("speed-up (baseline time / fused time)")
     ax.set_title(f"instella fused kernels on {record['device']} ({record['device_name']}, "
-                 f"{record['threads']} threads), {record['time']}")
+                 f"{record['threads']} threads, allocator {record.get('allocator', 'default')}), {record['time']}",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(png)), suffix=".png")
