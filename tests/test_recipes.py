@@ -178,6 +178,18 @@ def test_bad_command_lines_fail_early(argv, world, message, monkeypatch, capsys)
     assert re.search(message, str(e.value), re.S), str(e.value)
 
 
+def test_plugin_flags_without_the_plugin_name_it(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        parse_args(BASE[2:])  # --model-preset without --plugin instella
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --model-preset instella-test" in err
+    assert "flags of the 'instella' plugin: add --plugin instella" in err
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--no-such-flag"])  # no plugin knows it: no hint
+    assert "(flags of" not in capsys.readouterr().err
+
+
 def test_bad_load_directories(tmp_path, monkeypatch):
     from instella_plugin.training.setup import resolve_load
 

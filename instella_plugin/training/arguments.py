@@ -153,11 +153,29 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     known, _ = pre.parse_known_args(argv)
     plugin = load_plugin(known.plugin)
     parser = build_parser(plugin)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_plugin_hint(argv, unknown, known.plugin)}")
     args.explicit = explicit_dests(parser, argv)
     plugin.finalize_args(args)
     validate_args(args)
     return args, plugin
+
+
+def _plugin_hint(argv, unknown, current) -> str:
+    """'; they are flags of plugin X: add --plugin X' when an installed plugin knows every one of them."""
+    from instella_plugin.training.plugins import installed_plugins
+
+    for name in sorted(installed_plugins()):
+        if name == current:
+            continue
+        try:
+            _, left = build_parser(load_plugin(name)).parse_known_args(argv)
+        except (SystemExit, Exception):  # noqa: BLE001  (a broken plugin gives no hint, not a new error)
+            continue
+        if not left:
+            return f" (flags of the {name!r} plugin: add --plugin {name})"
+    return ""
 
 
 def validate_args(args) -> None:
