@@ -12,7 +12,8 @@ series applied, and upstream ``pretrain_gpt.py --plugin instella --transformer-i
 5 iterations of the tiny recipe on CPU from the same ``--load`` checkpoint, data and seed as our own
 trainer, with a RoPE theta schedule; the per-iteration losses must agree within 1e-6 relative (and
 the LR, grad norm and theta of every iteration with ours), and the checkpoint upstream writes must
-carry ``instella_meta.json`` and our weights. Dropping the weight-decay run-time patch
+carry ``instella_meta.json`` and our weights. The same at PP=2 x VPP=2, and at CP=2 with packed
+documents (the plugin's batch hook in upstream's forward step). Dropping the weight-decay run-time patch
 moves the losses by 4e-6 at iteration 2 and 1e-4 at iteration 5; a RoPE hook that never fires, by
 3e-5 at iteration 3.
 """
@@ -236,6 +237,21 @@ def test_host_arguments_join_megatron_parser_without_clashes():
     assert wants_plugin(["--plugin=instella"]) and not wants_plugin(["--plugins", "x"])
 
 
+def test_host_sends_packed_documents_and_cp_through_the_batch_hook_and_refuses_packed_pp():
+    from types import SimpleNamespace
+
+    from instella_plugin.upstream.host import _check_batch_hook_layout, _uses_batch_hook
+
+    def args(packed, cp, pp):
+        return SimpleNamespace(packed_documents=packed, context_parallel_size=cp, pipeline_model_parallel_size=pp)
+    assert not _uses_batch_hook(args(False, 1, 2))
+    assert _uses_batch_hook(args(True, 1, 1)) and _uses_batch_hook(args(False, 2, 2))
+    _check_batch_hook_layout(args(True, 2, 1))
+    _check_batch_hook_layout(args(False, 2, 2))  # CP with PP: later stages need no tokens
+    with pytest.raises(SystemExit, match="--packed-documents with --pipeline-model-parallel-size > 1.*PP=1"):
+        _check_batch_hook_layout(args(True, 1, 2))
+
+
 def test_cpu_stand_in_for_batch_invariant_kernels():
     code = ("import importlib, sys\n"
             "from instella_plugin.upstream import cpu\n"
@@ -362,3 +378,12 @@ def test_upstream_pipeline_with_virtual_stages_matches_our_trainer(upstream):
     """PP=2 x VPP=2 (TP=1): the builder's chunks per virtual stage, loading a TP=2 checkpoint into them."""
     _both_hosts(upstream, "pp2vpp2", ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
                                       "--num-layers-per-virtual-pipeline-stage", "1"])
+
+
+@pytest.mark.slow
+@NEEDS_CHECKOUT
+def test_upstream_context_parallel_with_packed_documents_matches_our_trainer(upstream):
+    """CP=2 (TP=1) with packed documents: upstream's forward step runs the plugin's batch hook (document
+    boundaries from the whole sequence, then this CP rank's share) instead of its own CP slicing."""
+    _both_hosts(upstream, "cp2packed", ["--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
+                                        "--packed-documents"])

@@ -14,7 +14,8 @@ Megatron-LM's calling conventions to the plugin seam (``GPTPlugin``):
   plugin's TransformerConfig; Megatron-LM's ``model_provider`` receives them one stage at a time;
 - data: ``plugin.build_datasets`` (blend resolution, SFT, mock data) on every rank;
 - per iteration: the forward step applies ``plugin.rope_theta(args, iteration)`` before the first
-  micro-batch of each iteration (Megatron-LM sets ``args.curr_iteration``).
+  micro-batch of each iteration (Megatron-LM sets ``args.curr_iteration``); with packed documents or
+  context parallelism it also runs the plugin's ``batch_hook`` (see ``_forward_with_batch_hook``).
 Run-time patches (``registry``) carry the rest; ``patches/README.md`` lists everything.
 """
 import argparse
@@ -70,10 +71,16 @@ def _default_groups(pg_collection) -> bool:
             and getattr(pg_collection, "pp", None) is ps.get_pipeline_model_parallel_group())
 
 
-def _refuse_batch_hook_features(args) -> None:
-    if getattr(args, "packed_documents", False) or args.context_parallel_size > 1:
-        raise SystemExit("error: --packed-documents and --context-parallel-size > 1 need the plugin's batch hook, "
-                         "which Megatron-LM's get_batch does not call; train these with instella's pretrain_gpt.py")
+def _uses_batch_hook(args) -> bool:
+    """Packed documents and context parallelism go through the plugin's batch hook (see forward step)."""
+    return bool(getattr(args, "packed_documents", False)) or args.context_parallel_size > 1
+
+
+def _check_batch_hook_layout(args) -> None:
+    if getattr(args, "packed_documents", False) and args.pipeline_model_parallel_size > 1:
+        raise SystemExit("error: --packed-documents with --pipeline-model-parallel-size > 1 on Megatron-LM: its "
+                         "get_batch_on_this_tp_rank hands later pipeline stages no tokens, so they cannot find the "
+                         "document boundaries; use PP=1 here, or instella's pretrain_gpt.py (every stage reads the batch)")
 
 
 class PluginHost:
@@ -159,9 +166,17 @@ class PluginHost:
                     raise SystemExit(f"error: --{key.replace('_', '-')} {getattr(args, key)} in the CPU mode, which "
                                      f"needs {value}; drop the flag or run on a GPU")
                 setattr(args, key, value)
-        _refuse_batch_hook_features(args)  # before the plugin reads Megatron-LM's own --cp-comm-type list
+        # Megatron-LM's --cp-comm-type is a list (one type per layer, or one for all); the plugin takes one
+        # type, and the local backend's default is its only one, a2a.
+        cp_types = list(args.cp_comm_type) if isinstance(args.cp_comm_type, (list, tuple)) else [args.cp_comm_type]
+        if "cp_comm_type" not in explicit and getattr(args, "transformer_impl", "local") == "local":
+            cp_types = ["a2a"]
+        if len(set(cp_types)) != 1:
+            raise SystemExit(f"error: --cp-comm-type {' '.join(cp_types)}: with --plugin give one type for all layers")
+        args.cp_comm_type = cp_types[0]
         self.plugin.finalize_args(args)
-        _refuse_batch_hook_features(args)  # a recipe may have set them
+        args.cp_comm_type = [args.cp_comm_type]  # back to Megatron-LM's form
+        _check_batch_hook_layout(args)  # after the plugin: a recipe may have set them
         args.calculate_per_token_loss = True  # the plugin's loss: per-token mean over the global batch
         args.create_attention_mask_in_dataloader = False  # causal mask type in the spec; datasets make none
         if args.tokenizer_type is None and not args.tokenizer_model:
@@ -241,13 +256,38 @@ class PluginHost:
         return self.plugin.build_datasets(args, self.cfg, list(train_val_test_num_samples))
 
     def wrap_forward_step(self, forward_step):
+        loss_func = getattr(forward_step, "__globals__", {}).get("loss_func")
+
         @functools.wraps(forward_step)
         def step(data_iterator, model, *a, **kw):
             from megatron.training import get_args
 
-            self.apply_rope(model, get_args())
-            return forward_step(data_iterator, model, *a, **kw)
+            args = get_args()
+            self.apply_rope(model, args)
+            if not _uses_batch_hook(args):
+                return forward_step(data_iterator, model, *a, **kw)
+            if loss_func is None or a or kw:
+                raise SystemExit("error: --packed-documents / --context-parallel-size > 1 with --plugin need upstream "
+                                 "pretrain_gpt.py's loss_func and plain forward step (tag core_v0.16.1)")
+            return self._forward_with_batch_hook(data_iterator, model, args, loss_func)
         return step
+
+    def _forward_with_batch_hook(self, data_iterator, model, args, loss_func):
+        """Upstream's forward step with the plugin's batch hook where upstream slices for CP: this rank's
+        full-sequence batch (Megatron-LM's TP broadcast) -> ``plugin.batch_hook`` (document boundaries
+        from the whole sequence, then this CP rank's share) -> the model -> upstream's ``loss_func``."""
+        from megatron.core.utils import get_attr_wrapped_model
+        from megatron.training.utils import get_batch_on_this_tp_rank, is_first_or_last_pipeline_stage
+
+        batch = dict(tokens=None, labels=None, loss_mask=None, position_ids=None)
+        if is_first_or_last_pipeline_stage(get_attr_wrapped_model(model, "vp_stage")):
+            batch = get_batch_on_this_tp_rank(data_iterator)
+            for key in ("cu_seqlens", "max_seqlen", "local_cp_size"):  # never set by the plugin's datasets
+                batch.pop(key, None)
+            batch = self.plugin.batch_hook(args, batch)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                       loss_mask=batch["loss_mask"], packed_seq_params=batch.get("packed_seq_params"))
+        return output, functools.partial(loss_func, batch["loss_mask"], model=model)
 
     def apply_rope(self, model, args) -> None:
         theta = self.plugin.rope_theta(args, int(getattr(args, "curr_iteration", 0) or 0))
