@@ -49,7 +49,11 @@ class InstellaPlugin(GPTPlugin):
         g.add_argument("--model-preset", help="instella-3b, instella-1b, instella-tiny, instella-test")
         g.add_argument("--data-blend", help="a blend name or YAML path (instella data blend)")
         g.add_argument("--data-root", help="directory the blend's source prefixes are relative to")
-        g.add_argument("--dataset-type", default="gpt", choices=["gpt", "sft"])
+        g.add_argument("--dataset-type", default="gpt", choices=["gpt", "sft", "dpo"],
+                       help="gpt: token documents; sft: chats; dpo: preference pairs (chosen, rejected)")
+        g.add_argument("--dpo-beta", type=float, default=5.0, help="DPO beta (Instella: 5, length-normalised)")
+        g.add_argument("--dpo-loss", default="dpo_norm", choices=["dpo_norm", "dpo"],
+                       help="dpo_norm: log-likelihoods averaged over response tokens (Instella); dpo: summed")
         g.add_argument("--sft-pack", action="store_true", help="pack SFT chats instead of padding each")
         g.add_argument("--decay-all-params", action="store_true", help="weight decay on every parameter (Instella)")
         g.add_argument("--rope-schedule", help="constant:THETA | geometric:THETA0:THETA1:START:END | stepwise")
@@ -95,6 +99,10 @@ class InstellaPlugin(GPTPlugin):
             args.rope = RopeSchedule.parse(args.rope_schedule, args.rotary_base)
         except ValueError as e:
             raise SystemExit(f"error: --rope-schedule: {e}")
+        if args.dataset_type == "dpo":
+            from instella_plugin.training.dpo import check_layout
+
+            check_layout(args)
         if args.context_parallel_size > 1:
             from instella_plugin.model.context_parallel import check_cp_layout
 
@@ -173,17 +181,26 @@ class InstellaPlugin(GPTPlugin):
                 blend = resolve_blend(args.data_blend, args.data_root)
             except (BlendError, ValueError) as e:
                 raise SystemExit(f"error: {e}")
-        if args.dataset_type == "sft":
+        if args.dataset_type in ("sft", "dpo"):
             return self._sft_datasets(args, cfg, blend, num_samples)
         if blend is not None:
             if blend.kind == "sft":
-                raise SystemExit(f"error: blend {blend.name} holds SFT data; add --dataset-type sft")
+                raise SystemExit(f"error: blend {blend.name} holds chat data; add --dataset-type sft (chats) or "
+                                 "dpo (preference pairs)")
             args.blend_per_split = blend.blend_per_split
         return build_gpt_datasets(args, cfg, num_samples)
 
     def _sft_datasets(self, args, cfg, blend, num_samples):
-        from instella_plugin.data.sft import SFTDataset
+        from instella_plugin.data.sft import PreferenceDataset, SFTDataset
         from instella_plugin.training.datasets import WeightedSamples, _split_blend
+
+        def store(prefix):
+            try:
+                if args.dataset_type == "dpo":
+                    return PreferenceDataset(prefix, cfg.seq_length, pad_id=1)
+                return SFTDataset(prefix, cfg.seq_length, pad_id=1, pack=args.sft_pack)
+            except ValueError as e:  # an SFT store given to DPO or the other way round
+                raise SystemExit(f"error: --dataset-type {args.dataset_type}: {e}")
 
         out = []
         for i, split in enumerate(("train", "valid", "test")):
@@ -194,7 +211,7 @@ class InstellaPlugin(GPTPlugin):
             if b is None or not num_samples[i]:
                 out.append(None)
                 continue
-            sets = [SFTDataset(p, cfg.seq_length, pad_id=1, pack=args.sft_pack) for p in b[0]]
+            sets = [store(p) for p in b[0]]
             out.append(WeightedSamples(sets, b[1], num_samples[i]))
         return tuple(out)
 

@@ -170,6 +170,8 @@ BASE = ["--plugin", "instella", "--model-preset", "instella-test", "--mock-data"
     (BASE + ["--tensor-model-parallel-size", "3"], 3, "not divisible by --tensor-model-parallel-size 3"),
     (BASE + ["--data-path", "/nonexistent/prefix"], 1, "data files not found.*/nonexistent/prefix"),
     (BASE + ["--rope-schedule", "geometric:1e4:1e6:50:10"], 1, "rope-schedule"),
+    (BASE + ["--min-lr", "1e-2"], 1, "--min-lr 0.01 is above --lr 0.001"),
+    (BASE + ["--lr-warmup-init", "1e-2"], 1, "--lr-warmup-init 0.01 is above --lr 0.001"),
 ])
 def test_bad_command_lines_fail_early(argv, world, message, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", str(world))

@@ -191,6 +191,11 @@ def validate_args(args) -> None:
         raise SystemExit("error: --train-iters is required (or a recipe that sets it)")
     if args.lr is None:
         raise SystemExit("error: --lr is required (or a recipe that sets it)")
+    for flag in ("min_lr", "lr_warmup_init"):
+        value = getattr(args, flag, None)
+        if value is not None and value > args.lr:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {value:g} is above --lr {args.lr:g} (a recipe may "
+                             "have set one of them); give both")
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):

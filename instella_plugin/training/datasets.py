@@ -97,10 +97,17 @@ class WeightedSamples:
 
 
 def to_torch_batch(samples: List[dict]) -> dict:
+    """Stack samples' ``tokens``, ``labels``, ``position_ids`` (long) and ``loss_mask`` (float32); a
+    preference pair's carry them twice, prefixed ``chosen_`` and ``rejected_``."""
     batch = {}
-    for key in ("tokens", "labels", "position_ids"):
-        batch[key] = torch.stack([torch.as_tensor(np.asarray(s[key]), dtype=torch.long) for s in samples])
-    batch["loss_mask"] = torch.stack([torch.as_tensor(np.asarray(s["loss_mask"]), dtype=torch.float32) for s in samples])
+    for prefix in ("", "chosen_", "rejected_"):
+        if prefix + "tokens" not in samples[0]:
+            continue
+        for key in ("tokens", "labels", "position_ids"):
+            batch[prefix + key] = torch.stack([torch.as_tensor(np.asarray(s[prefix + key]), dtype=torch.long)
+                                               for s in samples])
+        batch[prefix + "loss_mask"] = torch.stack([torch.as_tensor(np.asarray(s[prefix + "loss_mask"]),
+                                                                   dtype=torch.float32) for s in samples])
     return batch
 
 

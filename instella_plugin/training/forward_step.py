@@ -43,9 +43,11 @@ def _collect_logits(store: list, output_tensor):
 
 
 def run_forward_backward(model_chunks: List[torch.nn.Module], batches: Iterable[dict], *, seq_length: int,
-                         micro_batch_size: int, num_microbatches: int, forward_only: bool = False):
+                         micro_batch_size: int, num_microbatches: int, forward_only: bool = False,
+                         step=forward_step):
     """One pass of megatron's pipeline schedule over ``num_microbatches`` batches.
 
+    ``step`` is the forward step (this module's for language modelling; ``dpo.DPOStep`` for DPO).
     Returns the list of per-micro-batch loss reports (non-empty on the last pipeline stage).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -53,7 +55,7 @@ def run_forward_backward(model_chunks: List[torch.nn.Module], batches: Iterable[
     batches = list(batches)
     iterators = [iter(batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(batches)
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators, model=model_chunks if len(model_chunks) > 1
+        forward_step_func=step, data_iterator=iterators, model=model_chunks if len(model_chunks) > 1
         else model_chunks[0], num_microbatches=num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch_size, forward_only=forward_only)
 

@@ -13,7 +13,7 @@ import torch
 
 from instella_plugin.training import checkpointing
 from instella_plugin.training.datasets import dataset_sizes, microbatches
-from instella_plugin.training.forward_step import run_forward_backward
+from instella_plugin.training.forward_step import forward_step, run_forward_backward
 from instella_plugin.training.model_setup import describe, wrap_ddp
 from instella_plugin.training.progress import Progress
 from instella_plugin.training.setup import (
@@ -36,7 +36,8 @@ def _reduce_loss(reports, group) -> torch.Tensor:
     return total
 
 
-def evaluate(model, dataset, args, cfg, plugin, consumed: int, dp_rank: int, dp_size: int, device) -> float:
+def evaluate(model, dataset, args, cfg, plugin, consumed: int, dp_rank: int, dp_size: int, device,
+             step=None) -> float:
     from megatron.core import parallel_state as ps
 
     for m in model:
@@ -49,7 +50,8 @@ def evaluate(model, dataset, args, cfg, plugin, consumed: int, dp_rank: int, dp_
         with torch.no_grad():
             reports = run_forward_backward(model, batches, seq_length=cfg.seq_length,
                                            micro_batch_size=args.micro_batch_size,
-                                           num_microbatches=len(batches), forward_only=True)
+                                           num_microbatches=len(batches), forward_only=True,
+                                           step=step or forward_step)
         total += _reduce_loss(reports, ps.get_data_parallel_group(with_context_parallel=True))
     for m in model:
         m.train()
@@ -68,6 +70,11 @@ def pretrain(args, plugin) -> dict:
     cfg.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                  args.virtual_pipeline_size, args.context_parallel_size)
     load_path, starts_new_run = resolve_load(args, plugin)  # errors on a bad --load before building
+    resumed_own_run = bool(load_path) and not starts_new_run
+    if args.dataset_type == "dpo" and resumed_own_run and not args.pretrained_checkpoint:
+        from instella_plugin.training.dpo import NO_REFERENCE
+
+        raise SystemExit(NO_REFERENCE)
     tcfg = cfg.transformer_config(
         tensor_parallel=args.tensor_model_parallel_size, pipeline_parallel=args.pipeline_model_parallel_size,
         virtual_pipeline=args.virtual_pipeline_size, context_parallel=args.context_parallel_size,
@@ -102,6 +109,13 @@ def pretrain(args, plugin) -> dict:
                 "starting at iteration 0" if reset else f"resuming at iteration {iteration}")
             print(f"loaded checkpoint {load_path} (iteration {meta['iteration']}); {how}", flush=True)
 
+    step = forward_step
+    if args.dataset_type == "dpo":
+        from instella_plugin.training import dpo
+
+        reference = dpo.build_reference(plugin, args, cfg, tcfg, model, resumed_own_run, device)
+        step = dpo.DPOStep(reference, args.dpo_beta, normalise=args.dpo_loss == "dpo_norm")
+
     dp_rank = ps.get_data_parallel_rank()
     dp_size = ps.get_data_parallel_world_size()
     train_ds, valid_ds, _ = plugin.build_datasets(args, cfg, dataset_sizes(args))
@@ -125,7 +139,7 @@ def pretrain(args, plugin) -> dict:
 
     def final_eval():
         if valid_ds is not None and args.eval_iters and (args.eval_interval or args.skip_train):
-            progress.eval(iteration, evaluate(model, valid_ds, args, cfg, plugin, 0, dp_rank, dp_size, device))
+            progress.eval(iteration, evaluate(model, valid_ds, args, cfg, plugin, 0, dp_rank, dp_size, device, step))
 
     if args.skip_train:
         final_eval()
@@ -143,7 +157,8 @@ def pretrain(args, plugin) -> dict:
             train_ds, consumed, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
             dp_rank=dp_rank, dp_size=dp_size, device=device)]
         reports = run_forward_backward(model, batches, seq_length=cfg.seq_length,
-                                       micro_batch_size=args.micro_batch_size, num_microbatches=len(batches))
+                                       micro_batch_size=args.micro_batch_size, num_microbatches=len(batches),
+                                       step=step)
         total = _reduce_loss(reports, dp_cp_group)
         loss = float(total[0] / total[1]) if reports else None
         if loss is not None and not math.isfinite(loss):

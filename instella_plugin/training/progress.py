@@ -68,7 +68,8 @@ class Progress:
         now = time.time()
         steps = iteration - self.last_iter
         dt = (now - self.t_last) / max(steps, 1)
-        tokens_per_s = self.args.global_batch_size * self.cfg.seq_length / dt if dt > 0 else 0.0
+        seqs = 2 if getattr(self.args, "dataset_type", "gpt") == "dpo" else 1  # a preference pair is two
+        tokens_per_s = seqs * self.args.global_batch_size * self.cfg.seq_length / dt if dt > 0 else 0.0
         tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
         mfu = f"{100 * tflops / self.peak:.1f}%" if self.peak else "n/a"
         remaining = (self.args.train_iters - iteration) * dt

@@ -177,6 +177,9 @@ class PluginHost:
         self.plugin.finalize_args(args)
         args.cp_comm_type = [args.cp_comm_type]  # back to Megatron-LM's form
         _check_batch_hook_layout(args)  # after the plugin: a recipe may have set them
+        if getattr(args, "dataset_type", None) == "dpo":
+            raise SystemExit("error: --dataset-type dpo (a reference model in the forward step) runs in instella's "
+                             "pretrain_gpt.py, not on Megatron-LM's loop")
         args.calculate_per_token_loss = True  # the plugin's loss: per-token mean over the global batch
         args.create_attention_mask_in_dataloader = False  # causal mask type in the spec; datasets make none
         if args.tokenizer_type is None and not args.tokenizer_model:
