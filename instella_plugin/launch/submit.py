@@ -168,7 +168,8 @@ def run(args):
 
     print(f"[instella] run {spec.run_name}: {spec.layout.describe()}")
     for d, it in resume_state(spec).items():
-        print(f"[instella] {d}: " + (f"resumes from iteration {it}" if it else "starts from scratch"))
+        fresh = f"starts from {os.path.abspath(args.init_from)}" if args.init_from else "starts from scratch"
+        print(f"[instella] {d}: " + (f"resumes from iteration {it}" if it else fresh))
     print(f"[instella] scripts: {train}" + (f", {merge}" if merge else ""))
     logs = run_dir / "logs"
     submitted = {}
