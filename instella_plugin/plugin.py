@@ -227,6 +227,22 @@ class InstellaPlugin(GPTPlugin):
             batch = batch_for_cp_rank(batch)
         return batch
 
+    # ---- objective -----------------------------------------------------------------------------------
+    def check_start(self, args, resumed_own_run: bool) -> None:
+        if args.dataset_type == "dpo" and resumed_own_run and not args.pretrained_checkpoint:
+            from instella_plugin.training.dpo import NO_REFERENCE
+
+            raise SystemExit(NO_REFERENCE)
+
+    def forward_step(self, args, cfg, transformer_config, model_chunks, *, resumed_own_run: bool, device):
+        if args.dataset_type != "dpo":
+            return super().forward_step(args, cfg, transformer_config, model_chunks,
+                                        resumed_own_run=resumed_own_run, device=device)
+        from instella_plugin.training import dpo
+
+        reference = dpo.build_reference(self, args, cfg, transformer_config, model_chunks, resumed_own_run, device)
+        return dpo.DPOStep(reference, args.dpo_beta, normalise=args.dpo_loss == "dpo_norm")
+
     # ---- RoPE, checkpoints ---------------------------------------------------------------------------
     def rope_theta(self, args, iteration: int):
         return args.rope.theta_at(iteration)

@@ -48,6 +48,8 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
 class DPOStep:
     """megatron ``forward_step_func`` for DPO (see the module docstring)."""
 
+    sequences_per_sample = 2  # chosen and rejected
+
     def __init__(self, reference_chunks: List[torch.nn.Module], beta: float, normalise: bool):
         self.reference = reference_chunks[0]
         self.beta, self.normalise = float(beta), bool(normalise)

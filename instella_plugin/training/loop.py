@@ -71,10 +71,7 @@ def pretrain(args, plugin) -> dict:
                  args.virtual_pipeline_size, args.context_parallel_size)
     load_path, starts_new_run = resolve_load(args, plugin)  # errors on a bad --load before building
     resumed_own_run = bool(load_path) and not starts_new_run
-    if args.dataset_type == "dpo" and resumed_own_run and not args.pretrained_checkpoint:
-        from instella_plugin.training.dpo import NO_REFERENCE
-
-        raise SystemExit(NO_REFERENCE)
+    plugin.check_start(args, resumed_own_run)
     tcfg = cfg.transformer_config(
         tensor_parallel=args.tensor_model_parallel_size, pipeline_parallel=args.pipeline_model_parallel_size,
         virtual_pipeline=args.virtual_pipeline_size, context_parallel=args.context_parallel_size,
@@ -109,18 +106,13 @@ def pretrain(args, plugin) -> dict:
                 "starting at iteration 0" if reset else f"resuming at iteration {iteration}")
             print(f"loaded checkpoint {load_path} (iteration {meta['iteration']}); {how}", flush=True)
 
-    step = forward_step
-    if args.dataset_type == "dpo":
-        from instella_plugin.training import dpo
-
-        reference = dpo.build_reference(plugin, args, cfg, tcfg, model, resumed_own_run, device)
-        step = dpo.DPOStep(reference, args.dpo_beta, normalise=args.dpo_loss == "dpo_norm")
+    step = plugin.forward_step(args, cfg, tcfg, model, resumed_own_run=resumed_own_run, device=device)
 
     dp_rank = ps.get_data_parallel_rank()
     dp_size = ps.get_data_parallel_world_size()
     train_ds, valid_ds, _ = plugin.build_datasets(args, cfg, dataset_sizes(args))
     is_reporting = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-    progress = Progress(args, cfg, iteration, is_reporting)
+    progress = Progress(args, cfg, iteration, is_reporting, getattr(step, "sequences_per_sample", 1))
     handler = ExitSignalHandler() if args.exit_signal_handler else None
     start_time = time.time()
     losses, theta = {}, None

@@ -2,7 +2,8 @@
 
 A plugin is an object from the ``megatron_plugins`` entry-point group (``--plugin NAME``). It adds its
 flags, fills defaults (recipes), and supplies the model configuration, layer spec, datasets, the
-RoPE theta per iteration, and what goes into checkpoint metadata. ``GPTPlugin`` is the stock
+forward step (the training objective), the RoPE theta per iteration, and what goes into checkpoint
+metadata. ``GPTPlugin`` is the stock
 megatron-core GPT (megatron's own local layer spec and init), used without ``--plugin``; it is the
 baseline that benchmarks compare against. The same plugin object serves the upstream Megatron-LM
 host through ``patches/``.
@@ -74,6 +75,18 @@ class GPTPlugin:
     def batch_hook(self, args, batch):
         """Per micro-batch adjustments (packed documents, context-parallel slicing)."""
         return batch
+
+    # ---- objective --------------------------------------------------------------------------------
+    def check_start(self, args, resumed_own_run: bool) -> None:
+        """Refuse how the run starts, before anything is built (called once ``--load`` is resolved)."""
+
+    def forward_step(self, args, cfg, transformer_config, model_chunks, *, resumed_own_run: bool, device):
+        """megatron's ``forward_step_func`` for this run, made once the model holds its starting weights:
+        language modelling (``training.forward_step``) by default. A step object may say how many
+        sequences one sample holds (``sequences_per_sample``, for tokens/s)."""
+        from instella_plugin.training.forward_step import forward_step
+
+        return forward_step
 
     # ---- RoPE, checkpoints ------------------------------------------------------------------------
     def rope_theta(self, args, iteration: int) -> Optional[float]:

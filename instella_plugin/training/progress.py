@@ -31,8 +31,9 @@ def train_flops_per_token(cfg) -> float:
 class Progress:
     """Collects per-step figures; prints every ``log_interval`` on the reporting rank."""
 
-    def __init__(self, args, cfg, start_iteration: int, is_reporting_rank: bool):
+    def __init__(self, args, cfg, start_iteration: int, is_reporting_rank: bool, sequences_per_sample: int = 1):
         self.args, self.cfg = args, cfg
+        self.sequences_per_sample = sequences_per_sample  # 2 for a DPO pair
         self.report = is_reporting_rank
         self.start_iteration = start_iteration
         self.t0 = self.t_last = time.time()
@@ -68,8 +69,8 @@ class Progress:
         now = time.time()
         steps = iteration - self.last_iter
         dt = (now - self.t_last) / max(steps, 1)
-        seqs = 2 if getattr(self.args, "dataset_type", "gpt") == "dpo" else 1  # a preference pair is two
-        tokens_per_s = seqs * self.args.global_batch_size * self.cfg.seq_length / dt if dt > 0 else 0.0
+        tokens = self.sequences_per_sample * self.args.global_batch_size * self.cfg.seq_length
+        tokens_per_s = tokens / dt if dt > 0 else 0.0
         tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
         mfu = f"{100 * tflops / self.peak:.1f}%" if self.peak else "n/a"
         remaining = (self.args.train_iters - iteration) * dt
