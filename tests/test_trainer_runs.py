@@ -1,5 +1,6 @@
 """Multi-process runs of pretrain_gpt.py on CPU: exact resume, DP / distributed optimizer, interleaved
-PP, loading at another layout, crash-safe saves, and a spec from another distribution.
+PP, loading at another layout, crash-safe saves, a spec from another distribution, and the stock
+megatron-core GPT without ``--plugin``.
 
 Launches are shared between assertions (each rank costs seconds of imports on two cores).
 """
@@ -102,3 +103,20 @@ def test_fault_mid_save_resumes_from_previous_iteration(tmp_path):
     assert "resuming at iteration 2" in out.stdout
     assert checkpointing.latest_iteration(str(save)) == 6
     assert not (save / "iter_0000004.partial").exists()
+
+
+# ---- without --plugin: megatron-core's stock GPT, the baseline ------------------------------------------
+def test_stock_gpt_without_plugin_trains(tmp_path):
+    """No plugin: Megatron-LM's model flags, megatron's local spec and init; the first loss is that of
+    near-uniform predictions over the 512-token vocabulary (init std 0.02), and it falls."""
+    import math
+
+    args = ["--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4, "--vocab-size", 512,
+            "--seq-length", 32, "--mock-data", "--lr", "3e-3", "--train-iters", 8, "--lr-warmup-iters", 1,
+            "--micro-batch-size", 2, "--global-batch-size", 4, "--tensor-model-parallel-size", 2,
+            "--device", "cpu", "--no-plot", "--log-interval", 1, "--save", tmp_path / "stock"]
+    out = run_trainer(2, args)
+    assert "attention SelfAttention (DotProductAttention)" in out.stdout and "fused kernels" not in out.stdout
+    losses, _ = read_log(tmp_path / "stock")
+    assert abs(losses[1] - math.log(512)) < 0.1, losses
+    assert losses[8] < losses[1] - 0.3, losses
