@@ -280,13 +280,14 @@ def _copy_checkout(src: str, dst: str) -> None:
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
 
 
-def _run_upstream(mlm: str, args, timeout=1500) -> subprocess.CompletedProcess:
+def _run_upstream(mlm: str, args, timeout=1500, check=True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pretrain_gpt.py",
            *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p))
     proc = subprocess.run(cmd, cwd=mlm, capture_output=True, text=True, env=env, timeout=timeout)
-    assert proc.returncode == 0, f"upstream pretrain_gpt.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0 or not check, \
+        f"upstream pretrain_gpt.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
@@ -370,6 +371,12 @@ def test_upstream_pretrain_gpt_matches_our_trainer(upstream):
     worst = max((a.read_param(n).double() - b.read_param(n).double()).abs().max().item() for n in param_names(4))
     print(f"  weights after 5 iterations: max |ours - upstream| = {worst:.2e}")
     assert worst <= 1e-6
+
+    # Resuming that checkpoint (theta 40000) with the recipe's constant theta is refused, as ours does.
+    mlm, _, common, _, _ = upstream
+    bad = _run_upstream(mlm, [*common, "--train-iters", "6", "--load", theirs, "--save", theirs,
+                              "--transformer-impl", "local", "--num-workers", "0"], check=False)
+    assert bad.returncode != 0 and "--override-rope-theta" in bad.stdout + bad.stderr, bad.stderr[-3000:]
 
 
 @pytest.mark.slow

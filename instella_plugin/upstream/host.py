@@ -186,8 +186,25 @@ class PluginHost:
             # pre-tokenized data: Megatron-LM needs only the vocabulary size (padded_vocab_size is set)
             args.tokenizer_type = "NullTokenizer"
         self.cfg = self.plugin.model_config(args)
+        self._check_resume(args)
         self._mirror_model_args(args)
         self._allow_plugin_types_in_checkpoints(args)
+
+    def _check_resume(self, args) -> None:
+        """The plugin's resume checks (RoPE theta, model shape), as our trainer runs them, against the
+        ``instella_meta.json`` of the checkpoint ``--load`` names, when it has one (ours do, and
+        Megatron-LM's written through this host); before Megatron-LM builds or loads anything."""
+        from instella_plugin.training import checkpointing
+
+        if not args.load:
+            return
+        try:
+            meta = checkpointing.read_meta(checkpointing.resolve_checkpoint_dir(args.load))
+        except (checkpointing.CheckpointError, FileNotFoundError):
+            return  # no checkpoint yet, or none with our metadata: nothing to check here
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --load {args.load}: unreadable {checkpointing.META}: {e}")
+        self.plugin.check_resume(args, meta)
 
     def _allow_plugin_types_in_checkpoints(self, args) -> None:
         """Megatron-LM pickles ``args`` into every checkpoint and loads it with ``weights_only``; the
