@@ -62,7 +62,7 @@ INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename
     rstd[r] = inv;
     T* yr = y + r * width;
     const A *c1 = cs, *c2 = cs + half, *s1 = sn, *s2 = sn + half;
-    if constexpr (sizeof(T) == 2) {
+    if constexpr (sizeof(T) != sizeof(A)) {
       // bf16: loops holding 16-bit lanes get twice the vector length, which leaves each half head
       // (40 values for Instella) a scalar tail. So: normalise and scale head by head into Acc
       // scratch (head_dim-long loops), rotate there in Acc only, then round the whole row at once.

@@ -69,10 +69,8 @@ class DPOStep:
         ref = sequence_logps(ref_nll, mask, self.normalise)
         losses = dpo_losses(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], self.beta)
         loss_sum = losses.sum()
-        chosen_wins = ((policy[:pairs] - ref[:pairs]) > (policy[pairs:] - ref[pairs:])).float().sum()
         reported = torch.stack([loss_sum.detach().clone(), torch.tensor(float(pairs), device=loss_sum.device)])
-        accuracy = torch.stack([chosen_wins.detach(), torch.tensor(float(pairs), device=loss_sum.device)])
-        return loss_sum, torch.tensor(pairs, dtype=torch.int), {"lm loss": reported, "dpo accuracy": accuracy}
+        return loss_sum, torch.tensor(pairs, dtype=torch.int), {"lm loss": reported}
 
 
 def build_reference(plugin, args, cfg, transformer_config, policy_chunks, resumed_own_run: bool, device):

@@ -37,7 +37,7 @@ def _reduce_loss(reports, group) -> torch.Tensor:
 
 
 def evaluate(model, dataset, args, cfg, plugin, consumed: int, dp_rank: int, dp_size: int, device,
-             step=None) -> float:
+             step=forward_step) -> float:
     from megatron.core import parallel_state as ps
 
     for m in model:
@@ -51,7 +51,7 @@ def evaluate(model, dataset, args, cfg, plugin, consumed: int, dp_rank: int, dp_
             reports = run_forward_backward(model, batches, seq_length=cfg.seq_length,
                                            micro_batch_size=args.micro_batch_size,
                                            num_microbatches=len(batches), forward_only=True,
-                                           step=step or forward_step)
+                                           step=step)
         total += _reduce_loss(reports, ps.get_data_parallel_group(with_context_parallel=True))
     for m in model:
         m.train()
