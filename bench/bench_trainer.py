@@ -68,48 +68,21 @@ def trainer_argv(a, variant: str) -> list:
 
 # ---- worker (one per rank, under torchrun) ------------------------------------------------------
 class MegatronVariant:
-    """A model, optimizer and data built exactly as ``loop.pretrain`` builds them; ``step`` = one iteration."""
+    """The trainer's own parts (``Trainer``): model, optimizer and data as ``pretrain`` builds them;
+    ``step`` = one ``train_step``."""
 
     def __init__(self, argv, device):
-        import torch
-
         from instella_plugin.training.arguments import parse_args
         from instella_plugin.training.datasets import dataset_sizes
-        from instella_plugin.training.model_setup import wrap_ddp
-        from instella_plugin.training.setup import build_optimizer_and_scheduler
+        from instella_plugin.training.trainer import Trainer
 
-        self.args, self.plugin = parse_args(argv)
-        args = self.args
-        self.cfg = self.plugin.model_config(args)
-        tcfg = self.cfg.transformer_config(tensor_parallel=args.tensor_model_parallel_size, cpu=True,
-                                           params_dtype=torch.float32,
-                                           **self.plugin.transformer_config_overrides(args))
-        self.model = wrap_ddp(self.plugin.build_model(args, self.cfg, tcfg))
-        self.optimizer, self.scheduler = build_optimizer_and_scheduler(args, self.model)
-        self.train_ds = self.plugin.build_datasets(args, self.cfg, dataset_sizes(args))[0]
-        self.device, self.consumed = device, 0
+        run, plugin = parse_args(argv)
+        self.trainer = Trainer(run, plugin)
+        self.train_ds = plugin.build_datasets(run, dataset_sizes(run))[0]
 
     def step(self) -> float:
-        from megatron.core import parallel_state as ps
-
-        from instella_plugin.training.datasets import microbatches
-        from instella_plugin.training.forward_step import run_forward_backward
-        from instella_plugin.training.loop import _reduce_loss
-
-        args = self.args
-        for m in self.model:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        batches = [self.plugin.batch_hook(args, b) for b in microbatches(
-            self.train_ds, self.consumed, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
-            dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), device=self.device)]
-        reports = run_forward_backward(self.model, batches, seq_length=self.cfg.seq_length,
-                                       micro_batch_size=args.micro_batch_size, num_microbatches=len(batches))
-        total = _reduce_loss(reports, ps.get_data_parallel_group(with_context_parallel=True))
-        self.optimizer.step()
-        self.scheduler.step(increment=args.global_batch_size)
-        self.consumed += args.global_batch_size
-        return float(total[0] / total[1])
+        t = self.trainer
+        return t.train_step(t.batches(self.train_ds, t.consumed))["loss"]
 
 
 class HFLoopVariant:
@@ -157,8 +130,8 @@ def worker(a) -> None:
     from instella_plugin.training.setup import initialize_distributed
 
     a.tp_size = int(os.environ["WORLD_SIZE"])
-    base_args, _ = parse_args(trainer_argv(a, "instella"))
-    device = initialize_distributed(base_args)
+    base_run, _ = parse_args(trainer_argv(a, "instella"))
+    device = initialize_distributed(base_run)
     variants = {"instella": MegatronVariant(trainer_argv(a, "instella"), device),
                 "stock qk-norm": MegatronVariant(trainer_argv(a, "stock"), device)}
     if a.tp_size == 1:

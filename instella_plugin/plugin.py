@@ -2,37 +2,33 @@
 
 Loaded by ``--plugin instella`` through the ``megatron_plugins`` entry-point group (the same object
 serves upstream Megatron-LM through ``patches/``). Precedence of settings: explicit flags, then the
-recipe (``--instella-recipe``), then the model preset, then Megatron's defaults.
+recipe (``--instella-recipe``), then the model preset, then Megatron's defaults. Every hook returns
+values; the frozen run configuration (``training/run_config.py``) is built from them.
 """
+import dataclasses
 import math
-import os
 
-import yaml
-
+from instella_plugin.data.blends import BlendError, resolve_blend
+from instella_plugin.data.sft import PreferenceDataset, SFTDataset
+from instella_plugin.model.build import build_gpt_chunks
+from instella_plugin.model.config import InstellaConfig, get_preset
+from instella_plugin.model.context_parallel import batch_for_cp_rank, check_cp_layout
+from instella_plugin.model.packed_attention import packed_seq_params_from_tokens
+from instella_plugin.rope.apply import rope_meta, set_rotary_base, theta_on_resume
+from instella_plugin.rope.schedule import RopeSchedule
+from instella_plugin.training import checkpointing, dpo
+from instella_plugin.training.datasets import WeightedSamples
 from instella_plugin.training.plugins import GPTPlugin
+from instella_plugin.training.recipes import RecipeError, known_recipes, load_recipe
+from instella_plugin.training.run_config import MODEL_FLAGS, DataPlan
 
-RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
-# Recipe keys that are not flags.
-_RECIPE_ONLY = {"description", "seeds", "rope_phases"}
-_MODEL_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size",
-                "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
-                "ffn_hidden_size": "ffn_hidden_size", "seq_length": "seq_length", "rotary_base": "rotary_base",
-                "padded_vocab_size": "padded_vocab_size", "vocab_size": "vocab_size", "norm_epsilon": "norm_epsilon"}
-
-
-def known_recipes():
-    return sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml"))
-
-
-def load_recipe(name_or_path: str) -> dict:
-    path = name_or_path if os.path.isfile(name_or_path) else os.path.join(RECIPE_DIR, f"{name_or_path}.yaml")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: unknown recipe {name_or_path!r}; known recipes: {', '.join(known_recipes())} "
-                         "(or pass a YAML path)")
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f) or {}
-    recipe["name"] = os.path.splitext(os.path.basename(path))[0]
-    return recipe
+# Megatron-LM model flags whose value must agree with Instella's architecture (flag: (Instella's value, why)).
+_FIXED_BY_MODEL = {
+    "normalization": ("RMSNorm", "Instella uses RMSNorm"),
+    "position_embedding_type": ("rope", "Instella uses rotary position embeddings"),
+}
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "padded_vocab_size")
 
 
 def iterations_for_tokens(tokens: float, global_batch: int, seq_length: int) -> int:
@@ -62,219 +58,179 @@ class InstellaPlugin(GPTPlugin):
         g.add_argument("--packed-documents", action="store_true",
                        help="mask attention between the documents of a packed sequence (positions run on)")
 
-    # ---- arguments ---------------------------------------------------------------------------------
-    def finalize_args(self, args) -> None:
-        if args.instella_recipe:
-            recipe = load_recipe(args.instella_recipe)
-            args.recipe = recipe
-            for key, value in recipe.items():
-                if key in _RECIPE_ONLY or key == "name":
-                    continue
-                if not hasattr(args, key):
-                    raise SystemExit(f"error: recipe {recipe['name']} sets unknown setting {key!r}")
-                if key not in args.explicit:
-                    setattr(args, key, value)
-        else:
-            args.recipe = None
-        if args.use_checkpoint_args and args.load:
-            from instella_plugin.training import checkpointing
+    # ---- configuration -------------------------------------------------------------------------------
+    def recipe(self, flags):
+        if not flags.instella_recipe:
+            return None
+        try:
+            return load_recipe(flags.instella_recipe)
+        except RecipeError as e:
+            raise SystemExit(f"error: {e}")
 
+    def model_config(self, flags, given) -> InstellaConfig:
+        """The preset (or, with ``--use-checkpoint-args``, the checkpoint's model) with the model flags
+        the user or the recipe set."""
+        if flags.use_checkpoint_args and flags.load:
             try:
-                meta = checkpointing.read_meta(args.load)
-            except checkpointing.CheckpointError as e:
+                cfg = InstellaConfig.from_dict(checkpointing.read_meta(flags.load).get("model"))
+            except (checkpointing.CheckpointError, TypeError) as e:
                 raise SystemExit(f"error: --use-checkpoint-args: {e}")
-            args.checkpoint_model = meta.get("model")
-        try:
-            cfg = self.model_config(args)
-            cfg.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None,
-                         args.context_parallel_size)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-        for flag in _MODEL_FLAGS:
-            setattr(args, flag, getattr(cfg, flag))
-        args.max_position_embeddings = args.max_position_embeddings or cfg.seq_length
-        from instella_plugin.rope.schedule import RopeSchedule
+        else:
+            cfg = get_preset(flags.model_preset or "instella-3b")
+        overrides = {k: getattr(flags, k) for k in MODEL_FLAGS if k in given and getattr(flags, k) is not None}
+        return cfg.replace(**overrides) if overrides else cfg
 
-        try:
-            args.rope = RopeSchedule.parse(args.rope_schedule, args.rotary_base)
-        except ValueError as e:
-            raise SystemExit(f"error: --rope-schedule: {e}")
-        if args.dataset_type == "dpo":
-            from instella_plugin.training.dpo import check_layout
+    def data_plan(self, flags, model) -> DataPlan:
+        """A named blend (resolved when the datasets are built, or now when iterations are counted from
+        it), else Megatron-LM's data flags. ``--mock-data`` replaces a recipe's blend (dry runs)."""
+        if flags.data_blend and not flags.mock_data:
+            if not flags.data_root:
+                raise SystemExit("error: --data-blend needs --data-root (the directory its prefixes are relative to)")
+            return DataPlan(kind=flags.dataset_type, named=(flags.data_blend, flags.data_root))
+        return dataclasses.replace(super().data_plan(flags, model), kind=flags.dataset_type)
 
-            check_layout(args)
-        if args.context_parallel_size > 1:
-            from instella_plugin.model.context_parallel import check_cp_layout
-
-            if args.cp_comm_type != "a2a" and args.transformer_impl == "local":
-                raise SystemExit(f"error: --cp-comm-type {args.cp_comm_type} needs Transformer Engine; the local "
-                                 "backend implements a2a (Ulysses) context parallelism")
-            try:
-                check_cp_layout(cfg.seq_length, args.context_parallel_size,
-                                cfg.num_attention_heads // args.tensor_model_parallel_size,
-                                cfg.num_query_groups // args.tensor_model_parallel_size)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}")
-        if args.mock_data:  # --mock-data replaces the recipe's blend (dry runs of a recipe)
-            args.data_blend = None
-        args.has_plugin_data = bool(args.data_blend)
-        if args.data_blend and not args.data_root:
-            raise SystemExit("error: --data-blend needs --data-root (the directory its prefixes are relative to)")
-        self._derive_iterations(args)
-
-    def _derive_iterations(self, args) -> None:
-        wants = [k for k in ("train_iters", "lr_decay_iters") if isinstance(getattr(args, k), str)]
-        if not wants:
-            return
-        if not args.data_blend:
-            raise SystemExit(f"error: {wants[0]} = {getattr(args, wants[0])!r} needs --data-blend to count tokens")
-        from instella_plugin.data.blends import BlendError, resolve_blend
-
-        try:
-            blend = resolve_blend(args.data_blend, args.data_root)
-        except (BlendError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-        for key in wants:
-            spec = getattr(args, key)
+    def derived_values(self, flags, model, data) -> dict:
+        """Weight decay on every parameter (``--decay-all-params``) and iteration counts given as
+        ``epoch`` / ``epoch:N`` (one or N passes over the blend)."""
+        values = {"wd_exempt_1d": not flags.decay_all_params} if flags.wd_exempt_1d is None else {}
+        for key in ("train_iters", "lr_decay_iters"):
+            spec = getattr(flags, key)
+            if not isinstance(spec, str):
+                continue
+            if not data.named:
+                raise SystemExit(f"error: {key} = {spec!r} needs --data-blend to count tokens")
+            blend = _resolve(data)
             epochs = 1.0 if spec == "epoch" else float(spec.split(":", 1)[1])
             rows = blend.split_rows("train")
             if blend.kind == "sft":
-                iters = int(math.ceil(epochs * sum(r.documents for r in rows) / args.global_batch_size))
+                iters = int(math.ceil(epochs * sum(r.documents for r in rows) / flags.global_batch_size))
             else:
                 iters = iterations_for_tokens(epochs * sum(r.epoch_tokens for r in rows),
-                                              args.global_batch_size, args.seq_length)
-            setattr(args, key, max(iters, 1))
+                                              flags.global_batch_size, model.seq_length)
+            values[key] = max(iters, 1)
+        return values
+
+    def plugin_values(self, flags, model) -> dict:
+        try:
+            return {"rope": RopeSchedule.parse(flags.rope_schedule, model.rotary_base)}
+        except ValueError as e:
+            raise SystemExit(f"error: --rope-schedule: {e}")
+
+    def check_config(self, run) -> None:
+        flags = run.flags
+        for flag, (value, why) in _FIXED_BY_MODEL.items():
+            if getattr(flags, flag) != value:
+                raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(flags, flag)}: {why}; drop the flag "
+                                 "(or train the stock GPT without --plugin)")
+        if flags.dataset_type == "dpo":
+            dpo.check_layout(run)
+        if run.layout.cp > 1:
+            if flags.cp_comm_type != "a2a" and flags.transformer_impl == "local":
+                raise SystemExit(f"error: --cp-comm-type {flags.cp_comm_type} needs Transformer Engine; the local "
+                                 "backend implements a2a (Ulysses) context parallelism")
+            try:
+                check_cp_layout(run.model.seq_length, run.layout.cp, run.model.num_attention_heads // run.layout.tp,
+                                run.model.num_query_groups // run.layout.tp)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
 
     # ---- model ---------------------------------------------------------------------------------------
-    def model_config(self, args):
-        from instella_plugin.model.config import InstellaConfig, get_preset
-
-        if getattr(args, "checkpoint_model", None):
-            cfg = InstellaConfig.from_dict(args.checkpoint_model)
-        else:
-            cfg = get_preset(args.model_preset or "instella-3b")
-        overrides = {k: getattr(args, k) for k in _MODEL_FLAGS
-                     if k in args.explicit or (args.recipe and k in args.recipe and getattr(args, k) is not None)}
-        return cfg.replace(**overrides) if overrides else cfg
-
-    def transformer_config_overrides(self, args) -> dict:
+    def transformer_config_overrides(self, run) -> dict:
         return {}
 
-    def spec_name(self, args) -> str:
-        if args.spec:
-            return args.spec[0]
-        return "instella-te" if args.transformer_impl == "transformer_engine" else "instella"
+    def spec_name(self, run) -> str:
+        if run.flags.spec:
+            return run.flags.spec[0]
+        return "instella-te" if run.flags.transformer_impl == "transformer_engine" else "instella"
 
-    def build_model(self, args, cfg, transformer_config):
-        from instella_plugin.model.build import build_gpt_chunks
-
-        return build_gpt_chunks(cfg, transformer_config, self.spec_name(args), init_seed=args.seed)
+    def build_model(self, run, transformer_config):
+        return build_gpt_chunks(run.model, transformer_config, self.spec_name(run), init_seed=run.flags.seed)
 
     # ---- data ----------------------------------------------------------------------------------------
-    def build_datasets(self, args, cfg, num_samples):
-        from instella_plugin.data.blends import BlendError, resolve_blend
-        from instella_plugin.training.datasets import build_gpt_datasets
-
-        blend = None
-        if args.data_blend:
-            try:
-                blend = resolve_blend(args.data_blend, args.data_root)
-            except (BlendError, ValueError) as e:
-                raise SystemExit(f"error: {e}")
-        if args.dataset_type in ("sft", "dpo"):
-            return self._sft_datasets(args, cfg, blend, num_samples)
-        if blend is not None:
-            if blend.kind == "sft":
+    def build_datasets(self, run, num_samples):
+        if run.data.named:  # this call's data plan: the blend resolved (the run config stays as it is)
+            blend = _resolve(run.data)
+            if blend.kind == "sft" and run.data.kind == "gpt":
                 raise SystemExit(f"error: blend {blend.name} holds chat data; add --dataset-type sft (chats) or "
                                  "dpo (preference pairs)")
-            args.blend_per_split = blend.blend_per_split
-        return build_gpt_datasets(args, cfg, num_samples)
+            run = dataclasses.replace(run, data=dataclasses.replace(
+                run.data, blend_per_split=tuple(blend.blend_per_split), source=blend))
+        if run.data.kind in ("sft", "dpo"):
+            return self._sft_datasets(run, num_samples)
+        return super().build_datasets(run, num_samples)
 
-    def _sft_datasets(self, args, cfg, blend, num_samples):
-        from instella_plugin.data.sft import PreferenceDataset, SFTDataset
-        from instella_plugin.training.datasets import WeightedSamples, _split_blend
+    def _sft_datasets(self, run, num_samples):
+        kind, seq = run.data.kind, run.model.seq_length
 
         def store(prefix):
             try:
-                if args.dataset_type == "dpo":
-                    return PreferenceDataset(prefix, cfg.seq_length, pad_id=1)
-                return SFTDataset(prefix, cfg.seq_length, pad_id=1, pack=args.sft_pack)
+                if kind == "dpo":
+                    return PreferenceDataset(prefix, seq, pad_id=1)
+                return SFTDataset(prefix, seq, pad_id=1, pack=run.flags.sft_pack)
             except ValueError as e:  # an SFT store given to DPO or the other way round
-                raise SystemExit(f"error: --dataset-type {args.dataset_type}: {e}")
+                raise SystemExit(f"error: --dataset-type {kind}: {e}")
 
+        per_split = run.data.blend_per_split or (run.data.blend, None, None)
         out = []
-        for i, split in enumerate(("train", "valid", "test")):
-            if blend is not None:
-                b = blend.blend_for(split)
-            else:
-                b = _split_blend(args.data_path) if (args.data_path and split == "train") else None
-            if b is None or not num_samples[i]:
+        for blend, n in zip(per_split, num_samples):
+            if blend is None or not n:
                 out.append(None)
                 continue
-            sets = [store(p) for p in b[0]]
-            out.append(WeightedSamples(sets, b[1], num_samples[i]))
+            out.append(WeightedSamples([store(p) for p in blend[0]], blend[1], n))
         return tuple(out)
 
-    def batch_hook(self, args, batch):
+    def batch_hook(self, run, batch):
         """Document boundaries for packed sequences, then this context-parallel rank's slice."""
-        if args.packed_documents:
-            from instella_plugin.model.packed_attention import packed_seq_params_from_tokens
-
+        if run.flags.packed_documents:
             batch["packed_seq_params"] = packed_seq_params_from_tokens(batch["tokens"], 0)
-        if args.context_parallel_size > 1:
-            from instella_plugin.model.context_parallel import batch_for_cp_rank
-
+        if run.layout.cp > 1:
             batch = batch_for_cp_rank(batch)
         return batch
 
     # ---- objective -----------------------------------------------------------------------------------
-    def check_start(self, args, resumed_own_run: bool) -> None:
-        if args.dataset_type == "dpo" and resumed_own_run and not args.pretrained_checkpoint:
-            from instella_plugin.training.dpo import NO_REFERENCE
+    def check_start(self, run, resumed_own_run: bool) -> None:
+        if run.data.kind == "dpo" and resumed_own_run and not run.flags.pretrained_checkpoint:
+            raise SystemExit(dpo.NO_REFERENCE)
 
-            raise SystemExit(NO_REFERENCE)
-
-    def forward_step(self, args, cfg, transformer_config, model_chunks, *, resumed_own_run: bool, device):
-        if args.dataset_type != "dpo":
-            return super().forward_step(args, cfg, transformer_config, model_chunks,
+    def forward_step(self, run, transformer_config, model_chunks, *, resumed_own_run: bool, device):
+        if run.data.kind != "dpo":
+            return super().forward_step(run, transformer_config, model_chunks,
                                         resumed_own_run=resumed_own_run, device=device)
-        from instella_plugin.training import dpo
-
-        reference = dpo.build_reference(self, args, cfg, transformer_config, model_chunks, resumed_own_run, device)
-        return dpo.DPOStep(reference, args.dpo_beta, normalise=args.dpo_loss == "dpo_norm")
+        reference = dpo.build_reference(self, run, transformer_config, model_chunks, resumed_own_run, device)
+        return dpo.DPOStep(reference, run.flags.dpo_beta, normalise=run.flags.dpo_loss == "dpo_norm")
 
     # ---- RoPE, checkpoints ---------------------------------------------------------------------------
-    def rope_theta(self, args, iteration: int):
-        return args.rope.theta_at(iteration)
+    def rope_theta(self, run, iteration: int):
+        return run.plugin_values["rope"].theta_at(iteration)
 
     def apply_rope_theta(self, model_chunks, theta: float) -> None:
-        from instella_plugin.rope.apply import set_rotary_base
-
         set_rotary_base(model_chunks, theta)
 
-    def checkpoint_meta(self, args, iteration: int = 0) -> dict:
-        from instella_plugin.rope.apply import rope_meta
-
-        meta = {"spec": self.spec_name(args), "rotary_base": float(args.rotary_base), "seq_length": args.seq_length,
-                "tokenizer": args.tokenizer_model or "instella",
-                "recipe": args.recipe["name"] if args.recipe else None}
-        meta.update(rope_meta(args.rope.theta_at(max(iteration - 1, 0)), max(iteration - 1, 0), args.rope.describe()))
+    def checkpoint_meta(self, run, iteration: int = 0) -> dict:
+        rope, last = run.plugin_values["rope"], max(iteration - 1, 0)
+        meta = {"spec": self.spec_name(run), "rotary_base": float(run.model.rotary_base),
+                "seq_length": run.model.seq_length, "tokenizer": run.flags.tokenizer_model or "instella",
+                "recipe": run.recipe["name"] if run.recipe else None}
+        meta.update(rope_meta(rope.theta_at(last), last, rope.describe()))
         return meta
 
-    def check_resume(self, args, meta: dict) -> None:
-        from instella_plugin.rope.apply import theta_on_resume
-
+    def check_resume(self, run, meta: dict) -> None:
+        flags = run.flags
         try:
-            theta_on_resume(meta, args.rope, meta.get("iteration", 0), args.override_rope_theta)
+            theta_on_resume(meta, run.plugin_values["rope"], meta.get("iteration", 0), flags.override_rope_theta)
         except ValueError as e:
-            raise SystemExit(f"error: --load {args.load}: {e}")
+            raise SystemExit(f"error: --load {flags.load}: {e}")
         saved = meta.get("model")
-        if saved and not args.use_checkpoint_args:
-            cfg = self.model_config(args)
-            shape_keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                          "ffn_hidden_size", "padded_vocab_size")
-            diff = [f"{k}: checkpoint {saved.get(k)} vs requested {getattr(cfg, k)}" for k in shape_keys
-                    if saved.get(k) != getattr(cfg, k)]
+        if saved and not flags.use_checkpoint_args:
+            diff = [f"{k}: checkpoint {saved.get(k)} vs requested {getattr(run.model, k)}" for k in SHAPE_KEYS
+                    if saved.get(k) != getattr(run.model, k)]
             if diff:
-                raise SystemExit(f"error: --load {args.load} holds a different model:\n  " + "\n  ".join(diff)
+                raise SystemExit(f"error: --load {flags.load} holds a different model:\n  " + "\n  ".join(diff)
                                  + "\npass --use-checkpoint-args to take the checkpoint's configuration")
+
+
+def _resolve(data: DataPlan):
+    try:
+        return resolve_blend(*data.named)
+    except (BlendError, ValueError) as e:
+        raise SystemExit(f"error: {e}")

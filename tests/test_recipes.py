@@ -1,5 +1,6 @@
 """Recipe files reproduce INSTELLA.md's numbers; bad command lines fail before anything is built."""
 import argparse
+import dataclasses
 import math
 import re
 
@@ -14,8 +15,18 @@ from instella_plugin.training.arguments import parse_args
 def _parse(*argv, world=1, monkeypatch=None):
     if monkeypatch is not None:
         monkeypatch.setenv("WORLD_SIZE", str(world))
-    args, _ = parse_args(list(map(str, argv)))
-    return args
+    run, _ = parse_args(list(map(str, argv)))
+    return _View(run)
+
+
+class _View:
+    """The run config's flags, plus its recipe, for terse assertions."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __getattr__(self, name):
+        return self.run.recipe if name == "recipe" else getattr(self.run.flags, name)
 
 
 # ---- numbers ---------------------------------------------------------------------------------------
@@ -196,21 +207,21 @@ def test_bad_load_directories(tmp_path, monkeypatch):
     from instella_plugin.training.setup import resolve_load
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    args, plugin = parse_args(BASE + ["--load", str(tmp_path / "missing")])
+    run, plugin = parse_args(BASE + ["--load", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="does not exist"):
-        resolve_load(args, plugin)
+        resolve_load(run, plugin)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
-    args.load = str(ckpt)
+    run = dataclasses.replace(run, flags=run.flags.replace(load=str(ckpt)))
     with pytest.raises(SystemExit, match="names iteration 7, but .*iter_0000007 is missing"):
-        resolve_load(args, plugin)
+        resolve_load(run, plugin)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("garbage")
     with pytest.raises(SystemExit, match="not an iteration number"):
-        resolve_load(args, plugin)
+        resolve_load(run, plugin)
     empty_own = tmp_path / "own"
-    args.load = args.save = str(empty_own)
+    run = dataclasses.replace(run, flags=run.flags.replace(load=str(empty_own), save=str(empty_own)))
     import torch.distributed as dist
 
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
-    assert resolve_load(args, plugin) == (None, False)
+    assert resolve_load(run, plugin) == (None, False)

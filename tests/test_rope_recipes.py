@@ -18,6 +18,18 @@ PHASES = {
 }
 
 
+class _View:
+    """The run config's flags and layout, for terse assertions."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __getattr__(self, name):
+        if name in ("num_microbatches", "data_parallel_size"):
+            return getattr(self.run.layout, {"data_parallel_size": "dp"}.get(name, name))
+        return getattr(self.run.flags, name)
+
+
 @pytest.mark.parametrize("name", sorted(PHASES))
 def test_long_recipe_numbers(name):
     recipe = load_recipe(name)
@@ -41,7 +53,8 @@ def test_recipes_parse_as_trainer_arguments(name, monkeypatch):
     from instella_plugin.training.arguments import parse_args
 
     monkeypatch.setenv("WORLD_SIZE", "8")
-    args, _ = parse_args(["--plugin", "instella", "--instella-recipe", name, "--data-root", "/nonexistent"])
+    run, _ = parse_args(["--plugin", "instella", "--instella-recipe", name, "--data-root", "/nonexistent"])
+    args = _View(run)
     assert args.rotary_base == PHASES[name]["rotary_base"] and args.seq_length == PHASES[name]["seq_length"]
     assert args.context_parallel_size == PHASES[name]["context_parallel_size"]
     assert args.num_microbatches * args.micro_batch_size * args.data_parallel_size == args.global_batch_size

@@ -17,12 +17,11 @@ def test_sft_samples_pad_with_1_and_mask_only_assistant_tokens(demo_root, monkey
     from instella_plugin.training.arguments import parse_args
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    args, plugin = parse_args(["--plugin", "instella", "--model-preset", "instella-tiny", "--dataset-type", "sft",
+    run, plugin = parse_args(["--plugin", "instella", "--model-preset", "instella-tiny", "--dataset-type", "sft",
                                "--data-blend", "tiny-sft", "--data-root", demo_root, "--seq-length", "128",
                                "--lr", "1e-4", "--train-iters", "2", "--micro-batch-size", "2",
                                "--global-batch-size", "2"])
-    cfg = plugin.model_config(args)
-    train, _, _ = plugin.build_datasets(args, cfg, [4, 0, 0])
+    train, _, _ = plugin.build_datasets(run, [4, 0, 0])
     sample = train[0]
     pad = sample["tokens"] == 1
     assert pad.any() and not sample["loss_mask"][pad].any()  # padded with id 1, never counted

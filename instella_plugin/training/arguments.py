@@ -1,14 +1,17 @@
 """Command-line arguments with Megatron-LM's flag names, plus the plugin's own.
 
-``parse_args(argv)`` reads ``--plugin`` first, loads the plugin (it adds its flags and may fill
-defaults from a recipe), parses everything, records which flags were given explicitly (recipes never
-override those), and validates the layout before anything expensive starts.
+``parse_args(argv)`` reads ``--plugin`` first, loads the plugin (it adds its flags), parses
+everything, records which flags were given explicitly (recipes never override those) and builds the
+frozen run configuration (``run_config.py``), which validates everything before anything expensive
+starts.
 """
 import argparse
-import math
+import os
+import sys
 from typing import Optional, Sequence
 
-from instella_plugin.training.plugins import load_plugin
+from instella_plugin.training.plugins import installed_plugins, load_plugin
+from instella_plugin.training.run_config import build_run_config
 
 
 def _model_args(p):
@@ -75,7 +78,7 @@ def _training_args(p):
     g.add_argument("--recompute-method", choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--decoupled-weight-decay-exempt-1d", dest="wd_exempt_1d", action="store_true",
+    g.add_argument("--decoupled-weight-decay-exempt-1d", dest="wd_exempt_1d", action="store_true", default=None,
                    help="Megatron's default: no weight decay on biases and 1-D params (Instella decays everything)")
 
 
@@ -145,27 +148,22 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    import sys
-
+    """(the frozen ``RunConfig``, the plugin) for a command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--plugin")
     known, _ = pre.parse_known_args(argv)
     plugin = load_plugin(known.plugin)
     parser = build_parser(plugin)
-    args, unknown = parser.parse_known_args(argv)
+    namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_plugin_hint(argv, unknown, known.plugin)}")
-    args.explicit = explicit_dests(parser, argv)
-    plugin.finalize_args(args)
-    validate_args(args)
-    return args, plugin
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return build_run_config(namespace, explicit_dests(parser, argv), plugin, world), plugin
 
 
 def _plugin_hint(argv, unknown, current) -> str:
     """'; they are flags of plugin X: add --plugin X' when an installed plugin knows every one of them."""
-    from instella_plugin.training.plugins import installed_plugins
-
     for name in sorted(installed_plugins()):
         if name == current:
             continue
@@ -176,60 +174,3 @@ def _plugin_hint(argv, unknown, current) -> str:
         if not left:
             return f" (flags of the {name!r} plugin: add --plugin {name})"
     return ""
-
-
-def validate_args(args) -> None:
-    """Checks that need no model or data: fail here, before anything is launched or built."""
-    import torch
-
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    if world % (tp * pp * cp):
-        raise SystemExit(f"error: world size {world} is not divisible by TP {tp} x PP {pp} x CP {cp}")
-    args.data_parallel_size = world // (tp * pp * cp)
-    if args.train_iters is None:
-        raise SystemExit("error: --train-iters is required (or a recipe that sets it)")
-    if args.lr is None:
-        raise SystemExit("error: --lr is required (or a recipe that sets it)")
-    for flag in ("min_lr", "lr_warmup_init"):
-        value = getattr(args, flag, None)
-        if value is not None and value > args.lr:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {value:g} is above --lr {args.lr:g} (a recipe may "
-                             "have set one of them); give both")
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
-    if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
-        raise SystemExit(f"error: --global-batch-size {args.global_batch_size} is not divisible by "
-                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
-                         f"{args.data_parallel_size}; pick a global batch that is a multiple of "
-                         f"{args.micro_batch_size * args.data_parallel_size}")
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
-    args.virtual_pipeline_size = None
-    if args.num_layers_per_virtual_pipeline_stage:
-        if pp < 2:
-            raise SystemExit("error: --num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        per_stage = args.num_layers // pp
-        if per_stage % args.num_layers_per_virtual_pipeline_stage:
-            raise SystemExit(f"error: {per_stage} layers per pipeline stage do not split into virtual stages of "
-                             f"{args.num_layers_per_virtual_pipeline_stage}")
-        args.virtual_pipeline_size = per_stage // args.num_layers_per_virtual_pipeline_stage
-        if args.num_microbatches % pp:
-            raise SystemExit(f"error: the interleaved schedule needs the number of micro-batches "
-                             f"({args.num_microbatches}) to be a multiple of PP {pp}")
-    if args.lr_warmup_fraction is not None:
-        args.lr_warmup_iters = int(math.ceil(args.lr_warmup_fraction * args.train_iters))
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters >= args.lr_decay_iters:
-        raise SystemExit(f"error: --lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
-                         f"{args.lr_decay_iters} (defaults to --train-iters)")
-    if args.sequence_parallel and tp == 1:
-        args.sequence_parallel = False
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu or auto")
-    if args.data_path:
-        from instella_plugin.training.datasets import _check_prefixes, _split_blend
-
-        _check_prefixes(_split_blend(args.data_path)[0])
-    if not (args.mock_data or args.data_path or args.per_split_data_args_path or getattr(args, "has_plugin_data", False)):
-        raise SystemExit("error: no training data: pass --data-path, --per-split-data-args-path or --mock-data")

@@ -6,71 +6,42 @@ follow Megatron-LM's pretraining sampler: global batch ``k`` holds samples
 ``k*G + (j*DP + d)*m``. So the data a step sees depends only on the consumed-sample count (exact
 resume) and DP=2 sees the same global batch as DP=1.
 """
-import json
-import os
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
+from megatron.core.datasets import helpers
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from instella_plugin.data.tokenizer import DatasetTokenizerInfo
 
 
-def _split_blend(values: Sequence[str]):
-    """Megatron-LM's ``--data-path`` list: ``P1 P2`` or ``W1 P1 W2 P2``."""
-    values = list(values)
-    try:
-        weights = [float(v) for v in values[0::2]]
-        return values[1::2], weights
-    except ValueError:
-        return values, None
-
-
-def _check_prefixes(prefixes: List[str]) -> None:
-    missing = [p for p in prefixes if not (os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx"))]
-    if missing:
-        raise SystemExit("error: data files not found (each prefix needs PREFIX.bin and PREFIX.idx):\n  "
-                         + "\n  ".join(missing) + "\nprepare them with `instella data prepare`")
-
-
-def dataset_sizes(args) -> List[int]:
+def dataset_sizes(run) -> List[int]:
     """[train, valid, test] sample counts. Every evaluation reads the same first ``eval_iters`` global
     batches of the validation split, so its size (and its shuffle) does not depend on the run length:
     an in-run eval and a later ``--skip-train`` eval of the same weights see the same samples."""
-    evaluates = bool(args.eval_interval or args.skip_train)
-    eval_samples = args.eval_iters * args.global_batch_size if evaluates else 0
-    return [args.train_iters * args.global_batch_size, eval_samples, eval_samples]
+    flags, gbs = run.flags, run.layout.global_batch_size
+    evaluates = bool(flags.eval_interval or flags.skip_train)
+    eval_samples = flags.eval_iters * gbs if evaluates else 0
+    return [flags.train_iters * gbs, eval_samples, eval_samples]
 
 
-def blend_per_split_from_args(args):
-    """(blend, blend_per_split) from --data-path / --per-split-data-args-path / a plugin's blend."""
-    if getattr(args, "blend_per_split", None) is not None:
-        per_split = args.blend_per_split
-    elif args.per_split_data_args_path:
-        with open(args.per_split_data_args_path, encoding="utf-8") as f:
-            raw = json.load(f)
-        per_split = [_split_blend(raw[s]) if raw.get(s) else None for s in ("train", "valid", "test")]
-    elif args.data_path:
-        return _split_blend(args.data_path), None
-    else:
-        return None, None
-    return None, per_split
+def _as_lists(blend):
+    return (list(blend[0]), list(blend[1]) if blend[1] is not None else None) if blend else None
 
 
-def build_gpt_datasets(args, cfg, num_samples):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-
-    from instella_plugin.data.tokenizer import DatasetTokenizerInfo
-
-    blend, per_split = blend_per_split_from_args(args)
-    for b in ([blend] if blend else []) + [b for b in (per_split or []) if b]:
-        _check_prefixes(b[0])
+def build_gpt_datasets(run, num_samples):
+    """megatron's blended GPT datasets (or mock data) for the run's data plan."""
+    data = run.data
     config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=cfg.seq_length, blend=blend, blend_per_split=per_split,
-        split=args.split if blend else None, path_to_cache=args.data_cache_path,
-        tokenizer=DatasetTokenizerInfo(vocab_size=cfg.vocab_size), reset_position_ids=False,
+        random_seed=run.flags.seed, sequence_length=run.model.seq_length, blend=_as_lists(data.blend),
+        blend_per_split=[_as_lists(b) for b in data.blend_per_split] if data.blend_per_split else None,
+        split=run.flags.split if data.blend else None, path_to_cache=run.flags.data_cache_path,
+        tokenizer=DatasetTokenizerInfo(vocab_size=run.model.vocab_size), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
         mid_level_dataset_surplus=0.05)
-    cls = MockGPTDataset if args.mock_data else GPTDataset
+    cls = MockGPTDataset if data.mock else GPTDataset
     sizes = [n if n > 0 else None for n in num_samples]
     return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
 
@@ -79,8 +50,6 @@ class WeightedSamples:
     """Deterministic weighted interleaving of map-style datasets (megatron's blending helper)."""
 
     def __init__(self, datasets: list, weights: Optional[List[float]], size: int):
-        from megatron.core.datasets import helpers
-
         weights = np.asarray(weights or [len(d) for d in datasets], dtype=np.float64)
         weights = weights / weights.sum()
         self.datasets = datasets

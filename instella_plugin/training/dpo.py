@@ -19,16 +19,19 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from instella_plugin.training import checkpointing
+from instella_plugin.training.model_setup import unwrap
+
 
 NO_REFERENCE = ("error: a DPO run resumed from its own checkpoint needs --pretrained-checkpoint: the reference "
                 "model is the checkpoint the run started from")
 
 
-def check_layout(args) -> None:
-    if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
+def check_layout(run) -> None:
+    if run.layout.pp > 1 or run.layout.cp > 1:
         raise SystemExit("error: --dataset-type dpo runs the reference model inside the policy's forward step: "
                          "use tensor and data parallelism (PP = CP = 1)")
-    if getattr(args, "packed_documents", False):
+    if run.flags.packed_documents:
         raise SystemExit("error: --dataset-type dpo scores whole chats, one per sequence: drop --packed-documents")
 
 
@@ -73,18 +76,15 @@ class DPOStep:
         return loss_sum, torch.tensor(pairs, dtype=torch.int), {"lm loss": reported}
 
 
-def build_reference(plugin, args, cfg, transformer_config, policy_chunks, resumed_own_run: bool, device):
+def build_reference(plugin, run, transformer_config, policy_chunks, resumed_own_run: bool, device):
     """The frozen reference model: the policy's starting weights (see the module docstring)."""
-    from instella_plugin.training import checkpointing
-    from instella_plugin.training.model_setup import unwrap
-
-    chunks = plugin.build_model(args, cfg, transformer_config)
+    chunks = plugin.build_model(run, transformer_config)
     if device.type != "cpu":
         chunks = [c.to(device) for c in chunks]
     if resumed_own_run:
-        if not args.pretrained_checkpoint:
+        if not run.flags.pretrained_checkpoint:
             raise SystemExit(NO_REFERENCE)
-        checkpointing.load_checkpoint(args.pretrained_checkpoint, chunks, load_rng=False)
+        checkpointing.load_checkpoint(run.flags.pretrained_checkpoint, chunks, load_rng=False)
     else:
         for ref, pol in zip(chunks, policy_chunks):
             ref.load_state_dict(unwrap(pol).state_dict(), strict=True)

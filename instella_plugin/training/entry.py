@@ -2,20 +2,20 @@
 import logging
 import sys
 
+import torch
+
+from instella_plugin.training.arguments import parse_args
+from instella_plugin.training.loop import pretrain
+
 
 def main(argv=None) -> int:
-    from instella_plugin.training.arguments import parse_args
-    from instella_plugin.training.loop import pretrain
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Index caching needs a shared --data-cache-path; without one the indices are rebuilt (cheap).
     logging.getLogger("megatron.core.datasets.blended_dataset").setLevel(logging.ERROR)
-    args, plugin = parse_args(argv)
+    run, plugin = parse_args(argv)
     try:
-        pretrain(args, plugin)
+        pretrain(run, plugin)
     finally:
-        import torch
-
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

@@ -31,8 +31,9 @@ def train_flops_per_token(cfg) -> float:
 class Progress:
     """Collects per-step figures; prints every ``log_interval`` on the reporting rank."""
 
-    def __init__(self, args, cfg, start_iteration: int, is_reporting_rank: bool, sequences_per_sample: int = 1):
-        self.args, self.cfg = args, cfg
+    def __init__(self, run, start_iteration: int, is_reporting_rank: bool, sequences_per_sample: int = 1):
+        flags, cfg = run.flags, run.model
+        self.flags, self.cfg = flags, cfg
         self.sequences_per_sample = sequences_per_sample  # 2 for a DPO pair
         self.report = is_reporting_rank
         self.start_iteration = start_iteration
@@ -44,24 +45,24 @@ class Progress:
         self.history = []
         self.tb = self.wandb = None
         self.jsonl = None
-        if self.report and args.save:
-            os.makedirs(args.save, exist_ok=True)
-            self.jsonl = open(os.path.join(args.save, "train_log.jsonl"), "a", encoding="utf-8")
-        if self.report and args.tensorboard_dir:
+        if self.report and flags.save:
+            os.makedirs(flags.save, exist_ok=True)
+            self.jsonl = open(os.path.join(flags.save, "train_log.jsonl"), "a", encoding="utf-8")
+        if self.report and flags.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(args.tensorboard_dir)
-        if self.report and args.wandb_project:
+            self.tb = SummaryWriter(flags.tensorboard_dir)
+        if self.report and flags.wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
-                                    dir=args.wandb_save_dir or args.save, config=vars(args),
+            self.wandb = wandb.init(project=flags.wandb_project, name=flags.wandb_exp_name,
+                                    dir=flags.wandb_save_dir or flags.save, config=flags.as_dict(),
                                     mode=os.environ.get("WANDB_MODE", "offline"))
 
     def step(self, iteration: int, loss: Optional[float], lr: float, grad_norm: Optional[float], theta=None):
         if self.report and loss is not None:
             self.history.append((iteration, loss))
-        if iteration % self.args.log_interval and iteration != self.args.train_iters:
+        if iteration % self.flags.log_interval and iteration != self.flags.train_iters:
             if self.report:  # every step's loss goes to the JSONL (exact-resume checks, plots)
                 self._write({"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm}, iteration,
                             scalars=False)
@@ -69,18 +70,18 @@ class Progress:
         now = time.time()
         steps = iteration - self.last_iter
         dt = (now - self.t_last) / max(steps, 1)
-        tokens = self.sequences_per_sample * self.args.global_batch_size * self.cfg.seq_length
+        tokens = self.sequences_per_sample * self.flags.global_batch_size * self.cfg.seq_length
         tokens_per_s = tokens / dt if dt > 0 else 0.0
         tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
         mfu = f"{100 * tflops / self.peak:.1f}%" if self.peak else "n/a"
-        remaining = (self.args.train_iters - iteration) * dt
+        remaining = (self.flags.train_iters - iteration) * dt
         mem = (f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available()
                else f"{_rss_gib():.1f} GiB RSS")
         self.t_last, self.last_iter = now, iteration
         if not self.report:
             return
         gn = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
-        line = (f"iteration {iteration:>7}/{self.args.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
+        line = (f"iteration {iteration:>7}/{self.flags.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
                 f"{dt * 1000:.0f} ms/step | {tokens_per_s:,.0f} tokens/s | {tflops:.2f} TFLOP/s/device | MFU {mfu} | "
                 f"mem {mem} | ETA {_hms(remaining)}")
         if theta is not None:
@@ -120,8 +121,8 @@ class Progress:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
-        if self.history and self.args.save and not self.args.no_plot:
-            path = plot_loss(os.path.join(self.args.save, "train_log.jsonl"), os.path.join(self.args.save, "loss.png"))
+        if self.history and self.flags.save and not self.flags.no_plot:
+            path = plot_loss(os.path.join(self.flags.save, "train_log.jsonl"), os.path.join(self.flags.save, "loss.png"))
             if path:
                 print(f"loss curve written to {path}", flush=True)
 

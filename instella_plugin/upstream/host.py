@@ -99,7 +99,7 @@ class PluginHost:
             raise SystemExit(f"error: --device {self.device!r}: choose auto, cpu or cuda")
         self.plugin = load_plugin(self.name)
         self.parser = None
-        self.cfg = None
+        self.run = self.cfg = None
         self._chunks = None
         self._theta = {}
         self.cpu = self._start_cpu_mode()
@@ -149,13 +149,14 @@ class PluginHost:
 
     # ---- arguments --------------------------------------------------------------------------------
     def finalize(self, args) -> None:
-        """Plugin defaults and checks on Megatron-LM's parsed args (before its ``validate_args``)."""
+        """The plugin's run config from Megatron-LM's parsed args (before its ``validate_args``), then the
+        Megatron-LM settings that config implies written back to Megatron-LM's namespace, which its
+        loop reads."""
         from instella_plugin.training.arguments import explicit_dests
 
         if self.parser is None:
             raise RuntimeError("PluginHost.finalize before the extra-arguments provider ran")
         explicit = explicit_dests(self.parser, self.argv)
-        args.explicit = explicit
         if getattr(args, "use_legacy_models", False):
             raise SystemExit("error: --use-legacy-models with --plugin: plugins build megatron-core models")
         if self.cpu:
@@ -166,28 +167,14 @@ class PluginHost:
                     raise SystemExit(f"error: --{key.replace('_', '-')} {getattr(args, key)} in the CPU mode, which "
                                      f"needs {value}; drop the flag or run on a GPU")
                 setattr(args, key, value)
-        # Megatron-LM's --cp-comm-type is a list (one type per layer, or one for all); the plugin takes one
-        # type, and the local backend's default is its only one, a2a.
-        cp_types = list(args.cp_comm_type) if isinstance(args.cp_comm_type, (list, tuple)) else [args.cp_comm_type]
-        if "cp_comm_type" not in explicit and getattr(args, "transformer_impl", "local") == "local":
-            cp_types = ["a2a"]
-        if len(set(cp_types)) != 1:
-            raise SystemExit(f"error: --cp-comm-type {' '.join(cp_types)}: with --plugin give one type for all layers")
-        args.cp_comm_type = cp_types[0]
-        self.plugin.finalize_args(args)
-        args.cp_comm_type = [args.cp_comm_type]  # back to Megatron-LM's form
-        _check_batch_hook_layout(args)  # after the plugin: a recipe may have set them
-        if getattr(args, "dataset_type", None) == "dpo":
+        self.run = run_config_from_megatron_args(args, explicit, self.plugin)
+        _check_batch_hook_layout(self.run.flags)
+        if self.run.data.kind == "dpo":
             raise SystemExit("error: --dataset-type dpo (a reference model in the forward step) runs in instella's "
                              "pretrain_gpt.py, not on Megatron-LM's loop")
-        args.calculate_per_token_loss = True  # the plugin's loss: per-token mean over the global batch
-        args.create_attention_mask_in_dataloader = False  # causal mask type in the spec; datasets make none
-        if args.tokenizer_type is None and not args.tokenizer_model:
-            # pre-tokenized data: Megatron-LM needs only the vocabulary size (padded_vocab_size is set)
-            args.tokenizer_type = "NullTokenizer"
-        self.cfg = self.plugin.model_config(args)
+        self.cfg = self.run.model
         self._check_resume(args)
-        self._mirror_model_args(args)
+        _write_back(args, self.run, self.transformer_config(args))
         self._allow_plugin_types_in_checkpoints(args)
 
     def _check_resume(self, args) -> None:
@@ -204,7 +191,7 @@ class PluginHost:
             return  # no checkpoint yet, or none with our metadata: nothing to check here
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --load {args.load}: unreadable {checkpointing.META}: {e}")
-        self.plugin.check_resume(args, meta)
+        self.plugin.check_resume(self.run, meta)
 
     def _allow_plugin_types_in_checkpoints(self, args) -> None:
         """Megatron-LM pickles ``args`` into every checkpoint and loads it with ``weights_only``; the
@@ -237,20 +224,8 @@ class PluginHost:
             sequence_parallel=args.sequence_parallel, params_dtype=dtype, cpu=self.cpu,
             recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers, deallocate_pipeline_outputs=True,
-            calculate_per_token_loss=args.calculate_per_token_loss,
-            **self.plugin.transformer_config_overrides(args))
-
-    def _mirror_model_args(self, args) -> None:
-        """Megatron-LM's model flags from the plugin's config (its FLOP counts and checks read them)."""
-        tcfg = self.transformer_config(args)
-        args.swiglu = bool(tcfg.gated_linear_unit)
-        args.normalization = tcfg.normalization
-        args.norm_epsilon = tcfg.layernorm_epsilon
-        args.add_bias_linear = tcfg.add_bias_linear
-        args.hidden_dropout, args.attention_dropout = tcfg.hidden_dropout, tcfg.attention_dropout
-        args.kv_channels = tcfg.kv_channels
-        args.group_query_attention = tcfg.num_query_groups != tcfg.num_attention_heads
-        args.position_embedding_type = "rope"
+            calculate_per_token_loss=True,  # the plugin's loss: per-token mean over the global batch
+            **self.plugin.transformer_config_overrides(self.run))
 
     # ---- model, data, per-iteration hooks ---------------------------------------------------------
     def gpt_builder(self, args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
@@ -262,7 +237,7 @@ class PluginHost:
             raise SystemExit("error: the plugin's arguments were never finalized (--yaml-cfg skips Megatron-LM's "
                              "validate_args, where the plugin host runs); drop --yaml-cfg with --plugin")
         if self._chunks is None:
-            self._chunks = self.plugin.build_model(args, self.cfg, self.transformer_config(args))
+            self._chunks = self.plugin.build_model(self.run, self.transformer_config(args))
         chunk = self._chunks[vp_stage or 0]
         if (chunk.pre_process, chunk.post_process) != (pre_process, post_process):
             raise RuntimeError(f"plugin chunk {vp_stage}: pre/post process {chunk.pre_process}/{chunk.post_process} "
@@ -270,10 +245,7 @@ class PluginHost:
         return chunk
 
     def datasets_provider(self, train_val_test_num_samples, vp_stage=None):
-        from megatron.training import get_args
-
-        args = get_args()
-        return self.plugin.build_datasets(args, self.cfg, list(train_val_test_num_samples))
+        return self.plugin.build_datasets(self.run, list(train_val_test_num_samples))
 
     def wrap_forward_step(self, forward_step):
         loss_func = getattr(forward_step, "__globals__", {}).get("loss_func")
@@ -284,7 +256,7 @@ class PluginHost:
 
             args = get_args()
             self.apply_rope(model, args)
-            if not _uses_batch_hook(args):
+            if not _uses_batch_hook(self.run.flags):
                 return forward_step(data_iterator, model, *a, **kw)
             if loss_func is None or a or kw:
                 raise SystemExit("error: --packed-documents / --context-parallel-size > 1 with --plugin need upstream "
@@ -304,13 +276,13 @@ class PluginHost:
             batch = get_batch_on_this_tp_rank(data_iterator)
             for key in ("cu_seqlens", "max_seqlen", "local_cp_size"):  # never set by the plugin's datasets
                 batch.pop(key, None)
-            batch = self.plugin.batch_hook(args, batch)
+            batch = self.plugin.batch_hook(self.run, batch)
         output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
                        loss_mask=batch["loss_mask"], packed_seq_params=batch.get("packed_seq_params"))
         return output, functools.partial(loss_func, batch["loss_mask"], model=model)
 
     def apply_rope(self, model, args) -> None:
-        theta = self.plugin.rope_theta(args, int(getattr(args, "curr_iteration", 0) or 0))
+        theta = self.plugin.rope_theta(self.run, int(getattr(args, "curr_iteration", 0) or 0))
         if theta is not None and self._theta.get(id(model)) != theta:
             self.plugin.apply_rope_theta([model], theta)
             self._theta[id(model)] = theta
@@ -341,7 +313,7 @@ class PluginHost:
                            "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
                            "dp": ps.get_data_parallel_world_size(), "cp": ps.get_context_parallel_world_size()},
                 "model": self.cfg.to_dict(), "host": "megatron-lm"}
-        meta.update(self.plugin.checkpoint_meta(args, iteration))
+        meta.update(self.plugin.checkpoint_meta(self.run, iteration))
         path = os.path.join(folder, META)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, default=str)
@@ -350,3 +322,46 @@ class PluginHost:
 
     def log_path(self, args) -> Optional[str]:
         return os.path.join(args.save, "train_log.jsonl") if getattr(args, "save", None) else None
+
+
+def run_config_from_megatron_args(args, explicit, plugin):
+    """Megatron-LM's parsed namespace -> the plugin's frozen ``RunConfig``: the one translation.
+
+    Our trainer's flags take Megatron-LM's names, so each takes the value of Megatron-LM's flag of the
+    same name; the few Megatron-LM lacks keep our defaults. Megatron-LM's ``--cp-comm-type`` is a list
+    (one type per layer); the plugin takes one type, and the local backend's only one is a2a."""
+    from instella_plugin.training.arguments import build_parser
+    from instella_plugin.training.run_config import build_run_config
+
+    ours = vars(build_parser(plugin).parse_args([]))
+    values = {k: getattr(args, k) for k in ours if hasattr(args, k)}
+    cp_types = list(args.cp_comm_type) if isinstance(args.cp_comm_type, (list, tuple)) else [args.cp_comm_type]
+    if "cp_comm_type" not in explicit and getattr(args, "transformer_impl", "local") == "local":
+        cp_types = ["a2a"]
+    if len(set(cp_types)) != 1:
+        raise SystemExit(f"error: --cp-comm-type {' '.join(cp_types)}: with --plugin give one type for all layers")
+    values["cp_comm_type"] = cp_types[0]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return build_run_config(argparse.Namespace(**{**ours, **values}), explicit, plugin, world)
+
+
+def _write_back(args, run, tcfg) -> None:
+    """The run config's resolved values into Megatron-LM's namespace (its loop, FLOP counts and checks
+    read them): recipe values, the model's shape and architecture, derived iteration counts."""
+    for key, value in run.flags.as_dict().items():
+        if hasattr(args, key) and key != "cp_comm_type" and getattr(args, key) != value:
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    args.cp_comm_type = [run.flags.cp_comm_type]  # Megatron-LM's form: one type per layer, or one for all
+    args.calculate_per_token_loss = True
+    args.create_attention_mask_in_dataloader = False  # causal mask type in the spec; datasets make none
+    if args.tokenizer_type is None and not args.tokenizer_model:
+        # pre-tokenized data: Megatron-LM needs only the vocabulary size (padded_vocab_size is set)
+        args.tokenizer_type = "NullTokenizer"
+    args.swiglu = bool(tcfg.gated_linear_unit)
+    args.normalization = tcfg.normalization
+    args.norm_epsilon = tcfg.layernorm_epsilon
+    args.add_bias_linear = tcfg.add_bias_linear
+    args.hidden_dropout, args.attention_dropout = tcfg.hidden_dropout, tcfg.attention_dropout
+    args.kv_channels = tcfg.kv_channels
+    args.group_query_attention = tcfg.num_query_groups != tcfg.num_attention_heads
+    args.position_embedding_type = "rope"

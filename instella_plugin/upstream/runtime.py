@@ -52,8 +52,8 @@ def _finalize_args(original):
 def _weight_decay(original):
     def get_megatron_optimizer_config(args):
         config, overrides = original(args)
-        if current_host() is not None and getattr(args, "decay_all_params", False) \
-                and not getattr(args, "wd_exempt_1d", False) and overrides:
+        host = current_host()
+        if host is not None and host.run is not None and host.run.flags.wd_exempt_1d is False and overrides:
             overrides = {k: v for k, v in overrides.items() if dict(v) != {"wd_mult": 0.0}}
         return config, overrides
     return get_megatron_optimizer_config
