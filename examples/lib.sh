@@ -29,19 +29,11 @@ load_env_preset() {
 }
 
 # check_layout WORLD TP PP CP MBS GBS: sets DP and ACC (gradient-accumulation steps) or fails.
-#   DP = WORLD / (TP x PP x CP);  global batch = micro x DP x accumulation
+#   The arithmetic is the trainer's own (instella_plugin/training/layout.py): DP = WORLD / (TP x PP x CP),
+#   global batch = micro x DP x accumulation.
 check_layout() {
-  local world=$1 tp=$2 pp=$3 cp=$4 mbs=$5 gbs=$6 model
-  model=$((tp * pp * cp))
-  if ((world % model)); then
-    echo "error: $world ranks are not divisible by TP x PP x CP = $tp x $pp x $cp = $model" >&2
-    return 1
-  fi
-  DP=$((world / model))
-  if ((gbs % (mbs * DP))); then
-    echo "error: global batch $gbs is not divisible by micro-batch $mbs x DP $DP = $((mbs * DP))" >&2
-    return 1
-  fi
-  ACC=$((gbs / (mbs * DP)))
-  echo "layout: $world ranks = TP $tp x PP $pp x CP $cp x DP $DP; global batch $gbs = micro $mbs x DP $DP x $ACC accumulation"
+  local out
+  out=$("$PYTHON" -m instella_plugin.training.layout check "$@") || return 1
+  read -r DP ACC <<<"${out%%$'\n'*}"
+  echo "${out#*$'\n'}"
 }

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "convert": ("instella_plugin.hf.convert_cli", "Megatron dist checkpoint <-> Hugging Face directory"),
     "merge": ("instella_plugin.hf.merge_cli", "weight ensembling of checkpoints (uniform or weighted mean)"),
     "rope": ("instella_plugin.rope.cli", "RoPE base for a target context (scaling law)"),
+    "layout": ("instella_plugin.training.layout", "check a parallel layout (TP x PP x CP x DP, batch arithmetic)"),
     "submit": ("instella_plugin.launch.submit", "Slurm batch submission from a recipe and a cluster profile"),
     "train": ("instella_plugin.training.entry", "the trainer (same as pretrain_gpt.py --plugin instella)"),
 }

@@ -3,8 +3,8 @@
 A profile names a Slurm partition and the shape of its nodes; ``load_profile`` accepts a bundled name
 (``instella_plugin/launch/profiles/<name>.yaml``) or a path, applies ``key=value`` overrides, expands
 ``$VARS`` and ``~`` in paths, and raises ``ProfileError`` naming the problem and the fix.
-``check_layout`` does the same for TP/PP/CP and the batch arithmetic:
-``DP = nodes x gpus_per_node / (TP x PP x CP)`` and ``global batch = micro x DP x accumulation``.
+``check_layout`` does the same for TP/PP/CP and the batch arithmetic (``training.layout.ParallelLayout``
+with the node size, so TP x CP groups stay inside a node).
 """
 import os
 import re
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from instella_plugin.training.layout import LayoutError, ParallelLayout
 
 PROFILES_DIR = Path(__file__).with_name("profiles")
 REQUIRED = ("partition", "nodes", "gpus_per_node", "time_limit", "data_root", "output_root")
@@ -130,62 +132,15 @@ def expand(text):
     return os.path.expanduser(os.path.expandvars(text))
 
 
-@dataclass(frozen=True)
-class Layout:
-    nodes: int
-    gpus_per_node: int
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    micro_batch_size: int = None
-    global_batch_size: int = None
-
-    @property
-    def world_size(self):
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def dp(self):
-        return self.world_size // (self.tp * self.pp * self.cp)
-
-    @property
-    def accumulation(self):
-        if self.micro_batch_size and self.global_batch_size:
-            return self.global_batch_size // (self.micro_batch_size * self.dp)
-        return None
-
-    def describe(self):
-        s = (f"{self.nodes} node(s) x {self.gpus_per_node} = {self.world_size} ranks = "
-             f"TP {self.tp} x PP {self.pp} x CP {self.cp} x DP {self.dp}")
-        if self.accumulation:
-            s += (f"; global batch {self.global_batch_size} = micro {self.micro_batch_size} x DP {self.dp}"
-                  f" x {self.accumulation} accumulation step(s)")
-        return s
+def Layout(nodes, gpus_per_node, tp=1, pp=1, cp=1, micro_batch_size=None, global_batch_size=None):  # noqa: N802
+    """The ``ParallelLayout`` of a cluster allocation: ``nodes`` x ``gpus_per_node`` ranks."""
+    return ParallelLayout(nodes * gpus_per_node, tp, pp, cp, micro_batch_size, global_batch_size,
+                          gpus_per_node=gpus_per_node)
 
 
 def check_layout(layout):
     """Raise ProfileError when the layout cannot run; returns the layout otherwise."""
-    for name in ("tp", "pp", "cp", "micro_batch_size", "global_batch_size"):
-        v = getattr(layout, name)
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ProfileError(f"{name} must be a positive integer, got {v!r}")
-    model = layout.tp * layout.pp * layout.cp
-    if layout.world_size % model:
-        raise ProfileError(
-            f"nodes x gpus_per_node = {layout.nodes} x {layout.gpus_per_node} = {layout.world_size} is not "
-            f"divisible by TP x PP x CP = {layout.tp} x {layout.pp} x {layout.cp} = {model}; change the "
-            f"node count or the parallel sizes so that the ranks split into whole model replicas")
-    if layout.tp * layout.cp > layout.gpus_per_node:
-        raise ProfileError(
-            f"TP x CP = {layout.tp} x {layout.cp} = {layout.tp * layout.cp} is larger than the "
-            f"{layout.gpus_per_node} GPUs of one node; tensor- and context-parallel groups must stay inside "
-            f"a node (xGMI/NVLink), so lower TP or CP and use PP or DP across nodes")
-    if layout.micro_batch_size and layout.global_batch_size:
-        step = layout.micro_batch_size * layout.dp
-        if layout.global_batch_size % step:
-            raise ProfileError(
-                f"global batch {layout.global_batch_size} is not divisible by micro-batch "
-                f"{layout.micro_batch_size} x DP {layout.dp} = {step} (DP = {layout.world_size} ranks / "
-                f"(TP {layout.tp} x PP {layout.pp} x CP {layout.cp})); pick a global batch that is a multiple "
-                f"of {step}, or change the micro-batch or the parallel sizes")
-    return layout
+    try:
+        return layout.check()
+    except LayoutError as e:
+        raise ProfileError(str(e)) from None

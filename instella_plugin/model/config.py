@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class InstellaConfig:
     num_layers: int = 36
     hidden_size: int = 2560

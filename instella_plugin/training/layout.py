@@ -100,7 +100,8 @@ class ParallelLayout:
 
 
 def main(argv=None) -> int:
-    """``instella layout check WORLD TP PP CP MBS GBS``: prints ``DP ACC`` or the error (exit 1)."""
+    """``instella layout check WORLD TP PP CP MBS GBS``: prints ``DP ACC`` and a description line, or the
+    error (exit 1)."""
     p = argparse.ArgumentParser(prog="instella layout", description="check a parallel layout; print DP and "
                                 "the accumulation steps")
     sub = p.add_subparsers(dest="action", required=True)
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(layout.dp, layout.num_microbatches)
-    print(f"layout: {layout.describe()}", file=sys.stderr)
+    print(f"layout: {layout.describe()}")
     return 0
 
 

@@ -19,7 +19,9 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+from instella_plugin.data.tokenizer import VOCAB_SIZE, load_tokenizer, vocab_size_of
 from instella_plugin.model.config import InstellaConfig
+from instella_plugin.training import checkpointing
 from instella_plugin.training.datasets import build_gpt_datasets
 from instella_plugin.training.forward_step import forward_step
 from instella_plugin.training.run_config import DataPlan, split_blend
@@ -45,8 +47,14 @@ class GPTPlugin:
         for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             if getattr(flags, flag) is None:
                 raise ValueError(f"--{flag.replace('_', '-')} is required without a plugin")
+        if flags.use_checkpoint_args:
+            return checkpoint_model(flags)
         h, heads = flags.hidden_size, flags.num_attention_heads
-        vocab = flags.vocab_size or 50280
+        vocab = flags.vocab_size
+        if vocab is None:
+            if flags.tokenizer_type == "NullTokenizer":
+                raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
+            vocab = vocab_size_of(load_tokenizer(flags.tokenizer_model)) if flags.tokenizer_model else VOCAB_SIZE
         padded = flags.padded_vocab_size or _pad_vocab(vocab, flags.make_vocab_size_divisible_by,
                                                        flags.tensor_model_parallel_size)
         ffn = flags.ffn_hidden_size or (int(4 * h * 2 / 3 / 64) * 64 if flags.swiglu else 4 * h)  # Megatron-LM's
@@ -83,9 +91,9 @@ class GPTPlugin:
         for flag, why in refused.items():
             if getattr(flags, flag) not in (None, "local"):
                 raise SystemExit(f"error: {why}")
-        if flags.context_parallel_size > 1:
-            raise SystemExit("error: --context-parallel-size > 1 needs a plugin that slices batches per "
-                             "context-parallel rank (e.g. --plugin instella)")
+        if flags.context_parallel_size > 1 or "cp_comm_type" in run.explicit:
+            raise SystemExit("error: --context-parallel-size > 1 / --cp-comm-type need a plugin that slices batches "
+                             "per context-parallel rank (e.g. --plugin instella)")
 
     # ---- model ----------------------------------------------------------------------------------
     def transformer_config_overrides(self, run) -> dict:
@@ -145,6 +153,16 @@ class GPTPlugin:
 
     def check_resume(self, run, meta: dict) -> None:
         """Refuse a resume whose stored settings contradict the request (called before loading)."""
+
+
+def checkpoint_model(flags) -> InstellaConfig:
+    """``--use-checkpoint-args``: the model configuration stored with the ``--load`` checkpoint."""
+    if not flags.load:
+        raise ValueError("--use-checkpoint-args needs --load (the checkpoint whose model configuration to use)")
+    try:
+        return InstellaConfig.from_dict(checkpointing.read_meta(flags.load).get("model"))
+    except (checkpointing.CheckpointError, TypeError) as e:
+        raise ValueError(f"--use-checkpoint-args: {e}") from None
 
 
 def _pad_vocab(vocab: int, multiple: int, tp: int) -> int:
