@@ -6,14 +6,15 @@ builder, the dataset provider and the forward step. The plugin object is the one
 ``pretrain_gpt.py`` loads (``instella_plugin.training.plugins.load_plugin``); this module only adapts
 Megatron-LM's calling conventions to the plugin seam (``GPTPlugin``):
 
-- arguments: the plugin's flags join Megatron-LM's parser; after parsing, ``finalize`` records which
-  flags were given explicitly (``args.explicit``, so recipes fill only the rest), runs the plugin's
-  ``finalize_args`` and fills the Megatron-LM settings the plugin's model and data imply (run from
-  the ``plugin_finalize_args`` run-time patch, before Megatron-LM's ``validate_args``);
+- arguments: the plugin's flags join Megatron-LM's parser; after parsing, ``finalize`` translates
+  Megatron-LM's namespace into the plugin's frozen ``RunConfig`` (``run_config_from_megatron_args``:
+  explicit flags, recipe values, model, data plan, layout) and writes back to Megatron-LM's namespace
+  the settings that config resolved, which Megatron-LM's own loop reads (run from the
+  ``plugin_finalize_args`` run-time patch, before Megatron-LM's ``validate_args``);
 - model: ``plugin.build_model`` builds every virtual-pipeline chunk of this rank once, with the
   plugin's TransformerConfig; Megatron-LM's ``model_provider`` receives them one stage at a time;
 - data: ``plugin.build_datasets`` (blend resolution, SFT, mock data) on every rank;
-- per iteration: the forward step applies ``plugin.rope_theta(args, iteration)`` before the first
+- per iteration: the forward step applies ``plugin.rope_theta(run, iteration)`` before the first
   micro-batch of each iteration (Megatron-LM sets ``args.curr_iteration``); with packed documents or
   context parallelism it also runs the plugin's ``batch_hook`` (see ``_forward_with_batch_hook``).
 Run-time patches (``registry``) carry the rest; ``patches/README.md`` lists everything.
