@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,14 +101,18 @@ def _stage2_worker(save_dir):
     from instella_plugin.training import checkpointing
     from instella_plugin.training.forward_step import run_forward_backward
     from instella_plugin.training.model_setup import wrap_ddp
+    from instella_plugin.training.run_config import Settings
     from instella_plugin.training.setup import build_optimizer_and_scheduler
 
     cfg = get_preset("instella-test", seq_length=16)
     base = dict(min_lr=0.0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
                 bf16=False, use_distributed_optimizer=False, overlap_param_gather=False, wd_exempt_1d=False,
                 decay_all_params=True, global_batch_size=2, lr_warmup_iters=0, train_iters=10, lr_decay_iters=10)
-    stage1 = argparse.Namespace(**base, lr=1e-3, lr_warmup_init=1e-4, lr_decay_style="cosine")
-    stage2 = argparse.Namespace(**base, lr=4e-5, lr_warmup_init=4e-5, lr_decay_style="linear")
+    def run_of(**flags):  # what build_optimizer_and_scheduler reads of a run config
+        return SimpleNamespace(flags=Settings({**base, **flags}), layout=SimpleNamespace(global_batch_size=2))
+
+    stage1 = run_of(lr=1e-3, lr_warmup_init=1e-4, lr_decay_style="cosine")
+    stage2 = run_of(lr=4e-5, lr_warmup_init=4e-5, lr_decay_style="linear")
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(2):
