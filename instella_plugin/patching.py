@@ -128,6 +128,11 @@ class PatchRegistry:
             self._applied[patch.name] = patch
         return done
 
+    def check(self, phase: Optional[str] = None) -> None:
+        """Check every target (whatever the conditions) without replacing anything; raise ``PatchError``."""
+        for patch in self.registered(phase):
+            self._resolve(patch)
+
     def describe(self, phase: Optional[str] = None) -> str:
         """One line per patch: name, target, phase, the version it was written for, reason."""
         return "\n".join(p.describe() for p in self.registered(phase))
