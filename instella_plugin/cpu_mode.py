@@ -164,34 +164,6 @@ def _megatron_get_rng_state(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
 
-def _none(*args, **kwargs):
-    return None
-
-
-def _cpu_device():
-    return _CPU
-
-
-def _one():
-    return 1
-
-
-def _empty_stats(*args, **kwargs):
-    return {}
-
-
-def _zero(*args, **kwargs):
-    return 0
-
-
-def _null_stream(*args, **kwargs):
-    return _NullStream()
-
-
-def _null_context(*args, **kwargs):
-    return contextlib.nullcontext()
-
-
 @functools.lru_cache(maxsize=32)
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
@@ -215,18 +187,21 @@ _WHY_RNG = ("megatron's RNG tracker forks 'CUDA' states for tensor-parallel regi
 _WHY_MASK = ("hard-codes device='cuda' and runs inside autograd functions (activation recompute replays the "
              "forward during backward), where the function mode is not active")
 
+_RNG = dict(get_rng_state=_cpu_get_rng_state, set_rng_state=_cpu_set_rng_state, manual_seed=_cpu_manual_seed,
+            manual_seed_all=_cpu_manual_seed)
 for _module, _why, _stand_ins in (
-        ("torch.cuda", _WHY_DEVICE, dict(current_device=_cpu_device, device_count=_one, set_device=_none)),
+        ("torch.cuda", _WHY_DEVICE, dict(current_device=lambda: _CPU, device_count=lambda: 1,
+                                         set_device=lambda *a, **k: None)),
         ("torch.cuda", _WHY_STAND_IN, dict(
-            synchronize=_none, current_stream=_null_stream, default_stream=_null_stream, Stream=_NullStream,
-            Event=_NullEvent, stream=_null_context, empty_cache=_none, memory_stats=_empty_stats,
-            memory_allocated=_zero, max_memory_allocated=_zero, memory_reserved=_zero,
-            max_memory_reserved=_zero, reset_peak_memory_stats=_none)),
-        ("torch.cuda.nvtx", _WHY_STAND_IN, dict(range_push=_none, range_pop=_none)),
-        ("torch.cuda", _WHY_RNG, dict(get_rng_state=_cpu_get_rng_state, set_rng_state=_cpu_set_rng_state,
-                                      manual_seed=_cpu_manual_seed, manual_seed_all=_cpu_manual_seed)),
-        ("torch.cuda.random", _WHY_RNG, dict(get_rng_state=_cpu_get_rng_state, set_rng_state=_cpu_set_rng_state,
-                                             manual_seed=_cpu_manual_seed, manual_seed_all=_cpu_manual_seed))):
+            synchronize=lambda *a, **k: None, current_stream=lambda *a, **k: _NullStream(),
+            default_stream=lambda *a, **k: _NullStream(), Stream=_NullStream, Event=_NullEvent,
+            stream=lambda *a, **k: contextlib.nullcontext(), empty_cache=lambda: None,
+            memory_stats=lambda *a, **k: {}, memory_allocated=lambda *a, **k: 0,
+            max_memory_allocated=lambda *a, **k: 0, memory_reserved=lambda *a, **k: 0,
+            max_memory_reserved=lambda *a, **k: 0, reset_peak_memory_stats=lambda *a, **k: None)),
+        ("torch.cuda.nvtx", _WHY_STAND_IN, dict(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None)),
+        ("torch.cuda", _WHY_RNG, _RNG),
+        ("torch.cuda.random", _WHY_RNG, _RNG)):
     for _attribute, _value in _stand_ins.items():
         PATCHES.replace(f"{_module[len('torch.'):]}.{_attribute}", _module, _attribute, _value, reason=_why,
                         **_TORCH)
@@ -245,8 +220,8 @@ for _module in ("megatron.core.transformer.utils", "megatron.core.fusions.fused_
 
 
 @PATCHES.register("gloo_barrier", "torch.distributed", "barrier", wraps=False,
-                  signature=("group", "async_op", "device_ids", "timeout"), reason="megatron passes barrier(device_ids=...), which gloo rejects; dropped",
-                  **_TORCH)
+                  signature=("group", "async_op", "device_ids", "timeout"),
+                  reason="megatron passes barrier(device_ids=...), which gloo rejects; dropped", **_TORCH)
 def _barrier_without_device_ids(original):
     def barrier(group=None, async_op=False, device_ids=None, timeout=None):
         return original(group=group, async_op=async_op, timeout=timeout)
