@@ -111,6 +111,14 @@ def test_megatron_fix_fails_on_a_moved_signature(monkeypatch):
     monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)  # condition false: skipped, not checked
     assert megatron_fixes.fix_distributed_optimizer_step_on_load() is False
 
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", False)  # the signature it was written for: applied once
+    monkeypatch.setattr(distrib_optimizer.DistributedOptimizer, "_set_main_param_and_optimizer_states",
+                        _stub("self", "model_param", "tensors"))
+    assert megatron_fixes.fix_distributed_optimizer_step_on_load() is True
+    fixed = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+    assert megatron_fixes.fix_distributed_optimizer_step_on_load() is False and megatron_fixes.apply_all() == []
+    assert distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states is fixed
+
 
 def test_upstream_host_fails_on_a_moved_target_naming_the_tag(monkeypatch):
     """Megatron-LM's modules stand in as fakes with the tag's signatures, but ``training_log`` moved."""
