@@ -5,31 +5,16 @@ each at run time, only while the mode is on, and only when ``enable()`` is calle
 by ``enable_if_no_gpu()`` when torch sees no GPU). With a GPU present ``enable_if_no_gpu()`` does
 nothing, and ``enable()`` refuses unless forced, so GPU runs are never altered.
 
-What is patched, and why:
+What changes, and why (``describe()`` prints the list from the code):
 
-1. ``torch.cuda.current_device`` -> ``torch.device("cpu")``, ``device_count`` -> 1, ``set_device`` ->
-   no-op: megatron places buffers with ``device=torch.cuda.current_device()``, also inside autograd
-   backward functions, where the function mode of (5) is not active.
-2. ``torch.cuda.synchronize``, ``current_stream``/``default_stream``/``Stream``/``stream``/``Event``,
-   ``empty_cache``, ``memory_stats``/``max_memory_allocated``/``memory_allocated`` and ``nvtx``
-   ranges -> no-op stand-ins: the schedules, DDP buckets and timers call them unconditionally.
-3. ``torch.cuda.{get,set}_rng_state``, ``manual_seed``/``manual_seed_all`` and megatron's
-   ``tensor_parallel.random._{get,set}_cuda_rng_state`` -> the CPU default generator: megatron's RNG
-   tracker forks "CUDA" states for tensor-parallel regions and activation recompute.
-4. ``Tensor.type()`` answers ``torch.cuda.FloatTensor`` (etc.) for CPU tensors *only when called from
-   megatron.core.optimizer*: the optimizer, distributed optimizer and gradient clipping assert
-   ``param.type() == 'torch.cuda.FloatTensor'`` to pick fp32 params.
-5. A global ``TorchFunctionMode`` rewrites ``device="cuda"`` (or ``cuda:N``, an int index, a
-   ``torch.device('cuda')``) in factory calls, and ``.cuda()`` / ``.to("cuda")``, to the CPU: megatron
-   hard-codes ``device="cuda"`` in token counting, p2p shape exchange, grad buffers and clipping.
-   The same mode drops ``pin_memory=True`` (a CPU-only torch rejects it; megatron asks for it when
-   slicing RoPE tables for context parallelism).
-6. megatron's ``get_default_causal_mask`` / ``get_sliding_window_causal_mask`` (in
-   ``transformer.utils`` and as imported by ``fusions.fused_softmax``) -> CPU versions: they
-   hard-code ``device="cuda"`` and run inside autograd functions (activation recompute replays the
-   forward during backward), where (5) is not active.
-7. ``torch.distributed`` collectives accept a ``device_ids`` argument in ``barrier`` that gloo rejects:
-   ``barrier(device_ids=...)`` drops it.
+1. Attributes of ``torch.cuda``, ``torch.distributed`` and megatron-core, replaced by CPU stand-ins:
+   the patches of ``PATCHES`` (the package's registry, ``instella_plugin.patching``), each with its
+   target, the version it was written for and its reason. A target that is missing or whose
+   signature moved (another torch or megatron-core) fails ``enable()`` naming both versions, and
+   nothing is changed.
+2. A global ``TorchFunctionMode`` (``_FUNCTION_MODE`` says what it rewrites and why): CUDA devices
+   in factory calls, ``.cuda()``/``.to("cuda")``, ``pin_memory``, and ``Tensor.type()`` seen from
+   megatron's optimizer.
 
 Tensor-core fusions (``bias_dropout_fusion``, ``apply_rope_fusion``, ``masked_softmax_fusion``,
 ``gradient_accumulation_fusion``, ``persist_layer_norm``, ``bias_activation_fusion``) must be off in
@@ -46,6 +31,8 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
+from instella_plugin.patching import PatchRegistry
+
 log = logging.getLogger(__name__)
 
 _ENABLED = False
@@ -56,6 +43,15 @@ _CUDA_TYPE_NAMES = {
     "torch.HalfTensor": "torch.cuda.HalfTensor",
     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
 }
+
+
+_FUNCTION_MODE = (
+    "function mode: device='cuda' (or 'cuda:N', an int index, torch.device('cuda')) in factory calls, and "
+    ".cuda()/.to('cuda'), go to the CPU: megatron hard-codes device='cuda' in token counting, p2p shape "
+    "exchange, grad buffers and clipping; pin_memory=True is dropped (a CPU-only torch rejects it; megatron "
+    "asks for it when slicing RoPE tables for context parallelism); Tensor.type() answers "
+    "torch.cuda.FloatTensor (etc.) for CPU tensors only when called from megatron.core.optimizer, whose "
+    "optimizer, distributed optimizer and gradient clipping assert it to pick fp32 params")
 
 
 def is_enabled() -> bool:
@@ -99,7 +95,7 @@ _TENSOR_TO = torch.Tensor.to
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device requests in torch calls to the CPU (item 5 of the module docstring)."""
+    """Rewrites CUDA device requests in torch calls to the CPU (``_FUNCTION_MODE``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -168,36 +164,6 @@ def _megatron_get_rng_state(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
 
-def _patch_torch_cuda():
-    cuda = torch.cuda
-    cuda.current_device = lambda: _CPU
-    cuda.device_count = lambda: 1
-    cuda.set_device = lambda *a, **k: None
-    cuda.synchronize = lambda *a, **k: None
-    cuda.current_stream = lambda *a, **k: _NullStream()
-    cuda.default_stream = lambda *a, **k: _NullStream()
-    cuda.Stream = _NullStream
-    cuda.Event = _NullEvent
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.empty_cache = lambda: None
-    cuda.memory_stats = lambda *a, **k: {}
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.memory_reserved = lambda *a, **k: 0
-    cuda.max_memory_reserved = lambda *a, **k: 0
-    cuda.reset_peak_memory_stats = lambda *a, **k: None
-    cuda.nvtx.range_push = lambda *a, **k: None
-    cuda.nvtx.range_pop = lambda *a, **k: None
-    cuda.get_rng_state = _cpu_get_rng_state
-    cuda.set_rng_state = _cpu_set_rng_state
-    cuda.random.get_rng_state = _cpu_get_rng_state
-    cuda.random.set_rng_state = _cpu_set_rng_state
-    cuda.manual_seed = _cpu_manual_seed
-    cuda.manual_seed_all = _cpu_manual_seed
-    cuda.random.manual_seed = _cpu_manual_seed
-    cuda.random.manual_seed_all = _cpu_manual_seed
-
-
 @functools.lru_cache(maxsize=32)
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
@@ -208,30 +174,63 @@ def _cpu_sliding_window_mask(sq, skv, window_size):
     return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
 
 
-def _patch_megatron():
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer import utils as tutils
+# ---- what the CPU mode changes, as data (``describe()`` prints it) ------------------------------------
+PATCHES = PatchRegistry("cpu_mode", package="megatron-core", version="0.16.1",
+                        hint="update instella_plugin/cpu_mode.py for the new code")
+_TORCH = dict(package="torch", version="2.13.0")
 
-    mrandom._get_cuda_rng_state = _megatron_get_rng_state
-    mrandom._set_cuda_rng_state = _cpu_set_rng_state
-    for module in (tutils, fused_softmax):
-        module.get_default_causal_mask = _cpu_causal_mask
-        module.get_sliding_window_causal_mask = _cpu_sliding_window_mask
+_WHY_DEVICE = ("megatron places buffers with device=torch.cuda.current_device(), also inside autograd backward "
+               "functions, where the CPU mode's function mode is not active")
+_WHY_STAND_IN = "the schedules, DDP buckets and timers call it unconditionally; a no-op stand-in on the CPU"
+_WHY_RNG = ("megatron's RNG tracker forks 'CUDA' states for tensor-parallel regions and activation recompute; "
+            "the CPU default generator stands in")
+_WHY_MASK = ("hard-codes device='cuda' and runs inside autograd functions (activation recompute replays the "
+             "forward during backward), where the function mode is not active")
+
+_RNG = dict(get_rng_state=_cpu_get_rng_state, set_rng_state=_cpu_set_rng_state, manual_seed=_cpu_manual_seed,
+            manual_seed_all=_cpu_manual_seed)
+for _module, _why, _stand_ins in (
+        ("torch.cuda", _WHY_DEVICE, dict(current_device=lambda: _CPU, device_count=lambda: 1,
+                                         set_device=lambda *a, **k: None)),
+        ("torch.cuda", _WHY_STAND_IN, dict(
+            synchronize=lambda *a, **k: None, current_stream=lambda *a, **k: _NullStream(),
+            default_stream=lambda *a, **k: _NullStream(), Stream=_NullStream, Event=_NullEvent,
+            stream=lambda *a, **k: contextlib.nullcontext(), empty_cache=lambda: None,
+            memory_stats=lambda *a, **k: {}, memory_allocated=lambda *a, **k: 0,
+            max_memory_allocated=lambda *a, **k: 0, memory_reserved=lambda *a, **k: 0,
+            max_memory_reserved=lambda *a, **k: 0, reset_peak_memory_stats=lambda *a, **k: None)),
+        ("torch.cuda.nvtx", _WHY_STAND_IN, dict(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None)),
+        ("torch.cuda", _WHY_RNG, _RNG),
+        ("torch.cuda.random", _WHY_RNG, _RNG)):
+    for _attribute, _value in _stand_ins.items():
+        PATCHES.replace(f"{_module[len('torch.'):]}.{_attribute}", _module, _attribute, _value, reason=_why,
+                        **_TORCH)
+
+_RANDOM = "megatron.core.tensor_parallel.random"
+PATCHES.replace("megatron_get_cuda_rng_state", _RANDOM, "_get_cuda_rng_state", _megatron_get_rng_state,
+                signature=("device", "clone", "graph_safe"), reason=_WHY_RNG)
+PATCHES.replace("megatron_set_cuda_rng_state", _RANDOM, "_set_cuda_rng_state", _cpu_set_rng_state,
+                signature=("new_state", "device", "graph_safe"), reason=_WHY_RNG)
+for _module in ("megatron.core.transformer.utils", "megatron.core.fusions.fused_softmax"):
+    _where = _module.rsplit(".", 1)[-1]
+    PATCHES.replace(f"causal_mask_in_{_where}", _module, "get_default_causal_mask", _cpu_causal_mask,
+                    signature=("sq",), reason=_WHY_MASK)
+    PATCHES.replace(f"sliding_window_mask_in_{_where}", _module, "get_sliding_window_causal_mask",
+                    _cpu_sliding_window_mask, signature=("sq", "skv", "window_size"), reason=_WHY_MASK)
 
 
-def _patch_distributed():
-    import torch.distributed as dist
+@PATCHES.register("gloo_barrier", "torch.distributed", "barrier", wraps=False,
+                  signature=("group", "async_op", "device_ids", "timeout"),
+                  reason="megatron passes barrier(device_ids=...), which gloo rejects; dropped", **_TORCH)
+def _barrier_without_device_ids(original):
+    def barrier(group=None, async_op=False, device_ids=None, timeout=None):
+        return original(group=group, async_op=async_op, timeout=timeout)
+    return barrier
 
-    original = dist.barrier
-    if getattr(original, "_instella_cpu", False):
-        return
 
-    def barrier(group=None, async_op=False, device_ids=None):
-        return original(group=group, async_op=async_op)
-
-    barrier._instella_cpu = True
-    dist.barrier = barrier
+def describe() -> str:
+    """Every change the CPU mode makes: the registry's patches, then the function mode."""
+    return PATCHES.describe() + "\n" + _FUNCTION_MODE
 
 
 def enable(force: bool = False) -> None:
@@ -242,9 +241,7 @@ def enable(force: bool = False) -> None:
     if gpu_available() and not force:
         raise RuntimeError("CPU mode asked for on a machine with a GPU; pass --device cpu explicitly "
                            "(force=True) to run on the CPU anyway.")
-    _patch_torch_cuda()
-    _patch_megatron()
-    _patch_distributed()
+    PATCHES.apply()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True

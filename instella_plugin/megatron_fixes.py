@@ -1,7 +1,8 @@
 """Run-time fixes to megatron-core 0.16.1 that the trainer needs, each idempotent and conditional.
 
-Listed again in ``patches/README.md``. Each fix names the megatron function it wraps, the
-condition under which it applies, and why.
+Fix 1 is a patch of the package's registry (``instella_plugin.patching``): ``FIXES.describe()``
+prints its target, the version it was written for and why; a megatron-core whose target moved fails
+naming both versions. Fix 2 patches nothing (a function the trainer calls after each load).
 
 1. ``DistributedOptimizer._set_main_param_and_optimizer_states`` (applies when neither Transformer
    Engine nor apex is installed, i.e. megatron falls back to ``torch.optim.AdamW``): loading a
@@ -15,22 +16,28 @@ condition under which it applies, and why.
    resume is not exact). ``unshare_adam_steps(optimizer)``, called after every load, gives each
    parameter its own copy.
 """
-import functools
+import importlib
 
 import torch
 
-_APPLIED = set()
+from instella_plugin.patching import PatchRegistry
+
+_DISTRIB_OPTIMIZER = "megatron.core.optimizer.distrib_optimizer"
+
+FIXES = PatchRegistry("megatron_fixes", package="megatron-core", version="0.16.1",
+                      hint="update instella_plugin/megatron_fixes.py for the new code")
 
 
-def fix_distributed_optimizer_step_on_load() -> bool:
-    from megatron.core.optimizer import distrib_optimizer
+def _torch_adamw_fallback() -> bool:
+    """Neither Transformer Engine nor apex: megatron's distributed optimizer runs torch's AdamW."""
+    return not importlib.import_module(_DISTRIB_OPTIMIZER).HAVE_APEX_OR_TE
 
-    if "dist_opt_step" in _APPLIED or distrib_optimizer.HAVE_APEX_OR_TE:
-        return False
-    cls = distrib_optimizer.DistributedOptimizer
-    original = cls._set_main_param_and_optimizer_states
 
-    @functools.wraps(original)
+@FIXES.register("dist_opt_step", _DISTRIB_OPTIMIZER, "DistributedOptimizer._set_main_param_and_optimizer_states",
+                signature=("self", "model_param", "tensors"), condition=_torch_adamw_fallback,
+                reason="fully_reshardable loads copy every state key from checkpoint tensors that carry no "
+                       "'step' (KeyError); copy the keys they have, keep the restored step")
+def _copy_state_without_step(original):
     def _set_main_param_and_optimizer_states(self, model_param, tensors):
         if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             group_index, group_order = self.model_param_group_index_map[model_param]
@@ -41,10 +48,12 @@ def fix_distributed_optimizer_step_on_load() -> bool:
                 value.copy_(tensors[key])
             return
         return original(self, model_param, tensors)
+    return _set_main_param_and_optimizer_states
 
-    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-    _APPLIED.add("dist_opt_step")
-    return True
+
+def fix_distributed_optimizer_step_on_load() -> bool:
+    """Apply fix 1 when its condition holds; returns whether this call applied it."""
+    return bool(FIXES.apply(["dist_opt_step"]))
 
 
 def unshare_adam_steps(optimizer) -> None:
@@ -59,4 +68,4 @@ def unshare_adam_steps(optimizer) -> None:
 
 def apply_all() -> list:
     """Apply every fix whose condition holds; return the names applied in this call."""
-    return [name for name, fix in (("dist_opt_step", fix_distributed_optimizer_step_on_load),) if fix()]
+    return FIXES.apply()

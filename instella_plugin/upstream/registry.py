@@ -1,116 +1,55 @@
-"""A registry of run-time patches to Megatron-LM's ``megatron.training`` (Primus-style, opt-in, idempotent).
+"""The upstream host's run-time patches to Megatron-LM's ``megatron.training`` (Primus-style).
 
-Each patch replaces one named attribute of one upstream module with a wrapper. A patch is:
-
-- **opt-in**: nothing is applied on import; ``apply(names)`` applies the patches asked for, and only
-  the upstream host (``pretrain_gpt.py --plugin NAME`` with the patch series of ``patches/``) asks;
-- **idempotent**: applying twice changes nothing (the wrapper is marked, and the registry records
-  what it applied in this process);
-- **anchored**: before replacing, it checks that the attribute exists and is callable, so upstream
-  drift fails loudly, naming the patch, the attribute and the tag the series was written for, instead
-  of silently doing nothing;
-- **conditional**: a patch may carry a condition (e.g. "CPU mode is on"); when false it is skipped.
+They live in the package's one patch registry (``instella_plugin.patching``): each names its target
+and the Megatron-LM tag it was written for (``EXPECTED_TAG``, the tag ``patches/apply.sh`` checks),
+and, where the wrapper relies on them, the target's parameter names. Nothing is applied on import;
+``PluginHost.hooks`` applies phase ``startup`` (``runtime``) and, in the CPU mode, phase ``cpu``
+(``cpu``). A drifted upstream fails naming the patch, the target and the tag, and changes nothing.
 
 Every patch is listed, with its reason, in ``patches/README.md``; ``describe()`` prints the same list
 from the code (the two are checked against each other by ``tests/test_upstream_patches.py``).
 """
-import functools
-import importlib
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from instella_plugin import patching
 
 EXPECTED_TAG = "core_v0.16.1"
-_MARK = "_instella_patch"
+
+UpstreamDriftError = patching.PatchError
+
+# The parameter names of the Megatron-LM functions the host's wrappers rely on, at ``EXPECTED_TAG``
+# (by target; a moved signature fails the patch instead of wrapping a function that changed).
+SIGNATURES = {
+    "megatron.training.initialize.validate_args": ("args", "defaults"),
+    "megatron.training.training.get_megatron_optimizer_config": ("args",),
+    "megatron.training.training.training_log": (
+        "loss_dict", "total_loss_dict", "learning_rate", "iteration", "loss_scale", "report_memory_flag",
+        "skipped_iter", "grad_norm", "params_norm", "num_zeros_in_grad", "max_attention_logit", "pg_collection",
+        "is_first_iteration"),
+    "megatron.training.training.save_checkpoint": (
+        "iteration", "model", "optimizer", "opt_param_scheduler", "num_floating_point_operations_so_far",
+        "checkpointing_context", "pipeline_rank", "expert_rank", "tensor_rank", "pipeline_parallel",
+        "expert_parallel", "non_persistent_ckpt", "train_data_iterator", "preprocess_common_state_dict_fn",
+        "release", "tp_group", "pp_group", "dp_cp_group"),
+    "megatron.training.checkpointing.fix_query_key_value_ordering": ("model", "checkpoint_version"),
+    "megatron.core.datasets.utils.compile_helpers": (),
+    "megatron.training.training.initialize_megatron": (
+        "extra_args_provider", "args_defaults", "ignore_unknown_args", "allow_no_cuda", "skip_mpu_initialization",
+        "get_embedding_ranks", "get_position_embedding_ranks", "parsed_args", "store"),
+    "megatron.training.initialize._warmup_jit_function": (),
+    "megatron.training.arguments.get_device_arch_version": (),
+    "megatron.legacy.fused_kernels.load": ("args",),
+}
 
 
-class UpstreamDriftError(RuntimeError):
-    """The upstream code no longer has what a patch was written against."""
+class PatchRegistry(patching.PatchRegistry):
+    """A registry for Megatron-LM targets: written for ``EXPECTED_TAG``, phase ``startup`` unless given."""
 
+    def __init__(self, owner: str = "upstream host"):
+        super().__init__(owner, package="Megatron-LM", version=EXPECTED_TAG, phase="startup",
+                         hint="check out that tag, or update instella_plugin/upstream for the new code")
 
-@dataclass(frozen=True)
-class RuntimePatch:
-    name: str
-    module: str          # e.g. "megatron.training.training"
-    attribute: str       # e.g. "get_megatron_optimizer_config"
-    make_wrapper: Callable  # original -> replacement
-    reason: str
-    phase: str = "startup"   # "startup": before pretrain(); "cpu": only with the CPU mode
-    condition: Optional[Callable[[], bool]] = None
-
-    @property
-    def target(self) -> str:
-        return f"{self.module}.{self.attribute}"
-
-
-class PatchRegistry:
-    """Named run-time patches and the record of which were applied in this process."""
-
-    def __init__(self):
-        self._patches: Dict[str, RuntimePatch] = {}
-        self._applied: Dict[str, RuntimePatch] = {}
-
-    def register(self, name: str, module: str, attribute: str, *, reason: str, phase: str = "startup",
-                 condition: Optional[Callable[[], bool]] = None):
-        """Decorator: ``@register(...)`` on ``def make_wrapper(original) -> replacement``."""
-        def decorate(make_wrapper):
-            old = self._patches.get(name)
-            if old is not None and old.make_wrapper is not make_wrapper:
-                raise ValueError(f"run-time patch {name!r} is registered twice")
-            self._patches[name] = RuntimePatch(name, module, attribute, make_wrapper, reason, phase, condition)
-            return make_wrapper
-        return decorate
-
-    def registered(self, phase: Optional[str] = None) -> List[RuntimePatch]:
-        return [p for p in self._patches.values() if phase is None or p.phase == phase]
-
-    def applied(self) -> List[str]:
-        return list(self._applied)
-
-    def apply(self, names: Optional[List[str]] = None, phase: Optional[str] = None) -> List[str]:
-        """Apply the named patches (or all of ``phase``); return the names applied by this call.
-
-        Already-applied patches and those whose condition is false are skipped. Every anchor is
-        checked before anything is replaced, so a drifted upstream changes nothing.
-        """
-        unknown = set(names or ()) - set(self._patches)
-        if unknown:
-            raise ValueError(f"unknown run-time patches {sorted(unknown)}; known: {sorted(self._patches)}")
-        todo = [p for p in self.registered(phase) if (names is None or p.name in names)
-                and p.name not in self._applied and (p.condition is None or p.condition())]
-        resolved = [(p, *_resolve(p)) for p in todo]
-        done = []
-        for patch, module, original in resolved:
-            if getattr(original, _MARK, None) == patch.name:  # already in place (applied by another registry)
-                self._applied[patch.name] = patch
-                continue
-            replacement = patch.make_wrapper(original)
-            try:
-                functools.update_wrapper(replacement, original)
-            except (AttributeError, TypeError):
-                pass
-            setattr(replacement, _MARK, patch.name)
-            setattr(module, patch.attribute, replacement)
-            self._applied[patch.name] = patch
-            done.append(patch.name)
-        return done
-
-    def describe(self) -> str:
-        """One line per patch: name, target, phase, reason (the README's table, from the code)."""
-        return "\n".join(f"{p.name}: {p.target} [{p.phase}] {p.reason}" for p in self._patches.values())
-
-
-def _resolve(patch: RuntimePatch):
-    try:
-        module = importlib.import_module(patch.module)
-    except ImportError as e:
-        raise UpstreamDriftError(f"run-time patch {patch.name!r}: cannot import {patch.module} ({e}); "
-                                 f"the patch series targets Megatron-LM {EXPECTED_TAG}") from e
-    original = getattr(module, patch.attribute, None)
-    if not callable(original):
-        raise UpstreamDriftError(f"run-time patch {patch.name!r}: {patch.target} is missing or not callable; "
-                                 f"the patch series targets Megatron-LM {EXPECTED_TAG} (check out that tag, "
-                                 "or update instella_plugin/upstream for the new code)")
-    return module, original
+    def register(self, name: str, module: str, attribute: str, **kwargs):
+        kwargs.setdefault("signature", SIGNATURES.get(f"{module}.{attribute}"))
+        return super().register(name, module, attribute, **kwargs)
 
 
 # The host's registry (``runtime`` and ``cpu`` register into it).
