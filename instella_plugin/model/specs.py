@@ -110,7 +110,8 @@ def instella_layer_spec(backend: InstellaProvider) -> ModuleSpec:
     )
 
 
-def instella_block_spec(backend: InstellaProvider, config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+def instella_block_spec(backend: InstellaProvider, config,
+                        vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """This stage's layers and the final norm, all from ``backend``."""
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[instella_layer_spec(backend)] * n,
