@@ -43,13 +43,13 @@ setup(
         ],
         # `pretrain_gpt.py --plugin NAME` looks plugins up in this group.
         "megatron_plugins": ["instella = instella_plugin.plugin:InstellaPlugin"],
-        # Named layer specs; other distributions add their own here.
+        # Named layer specs (backend providers); other distributions add their own here.
         "instella_layer_specs": [
-            "instella = instella_plugin.model.specs:instella_local_spec",
-            "instella-te = instella_plugin.model.specs:instella_te_spec",
-            "instella-fused = instella_plugin.kernels.fused_spec:instella_fused_spec",
-            "instella-fused-apex = instella_plugin.kernels.fused_spec:instella_fused_apex_spec",
-            "instella-fused-te = instella_plugin.kernels.fused_spec:instella_fused_te_spec",
+            "instella = instella_plugin.model.specs:InstellaLocalProvider",
+            "instella-te = instella_plugin.model.specs:InstellaTEProvider",
+            "instella-fused = instella_plugin.kernels.fused_spec:FusedProvider",
+            "instella-fused-apex = instella_plugin.kernels.fused_spec:FusedApexProvider",
+            "instella-fused-te = instella_plugin.kernels.fused_spec:FusedTEProvider",
         ],
     },
     ext_modules=ext_modules,

@@ -32,11 +32,17 @@ def test_resume_is_bitwise_exact_at_tp2_pp2(tmp_path):
 # ---- DP=2 with the distributed optimizer, PP=2 x VPP=2, and a spec from another distribution ------
 SPEC_PACKAGE = textwrap.dedent('''
     import os
-    from instella_plugin.model.specs import instella_local_spec
+    from instella_plugin.model.rms_norm import InstellaRMSNorm
+    from instella_plugin.model.specs import InstellaLocalProvider
 
-    def marked_spec(config, vp_stage=None):
-        open(os.environ["MARKER_FILE"], "a").write("used\\n")
-        return instella_local_spec(config, vp_stage)
+    class MarkedRMSNorm(InstellaRMSNorm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            open(os.environ["MARKER_FILE"], "a").write("used\\n")
+
+    class MarkedProvider(InstellaLocalProvider):
+        def layer_norm(self, rms_norm=True, for_qk=False):
+            return super().layer_norm(rms_norm, for_qk) if for_qk else MarkedRMSNorm
 ''')
 
 
@@ -45,7 +51,7 @@ def _throwaway_distribution(root):
     info = root / "thirdparty_specs-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-specs\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[instella_layer_specs]\nthirdparty = thirdparty_specs:marked_spec\n")
+    (info / "entry_points.txt").write_text("[instella_layer_specs]\nthirdparty = thirdparty_specs:MarkedProvider\n")
 
 
 def test_data_parallel_and_interleaved_pipeline_match_single_rank(tmp_path):
@@ -55,8 +61,9 @@ def test_data_parallel_and_interleaved_pipeline_match_single_rank(tmp_path):
     _throwaway_distribution(dist)
     marker = tmp_path / "marker"
     env = {"PYTHONPATH": f"{dist}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MARKER_FILE": str(marker)}
-    run_trainer(1, common + ["--spec", "thirdparty", "--save", tmp_path / "ref"], env=env)
+    out = run_trainer(1, common + ["--spec", "thirdparty", "--save", tmp_path / "ref"], env=env)
     assert marker.read_text().count("used") >= 1  # the entry-point spec built the model
+    assert "layer: norm MarkedRMSNorm, attention SelfAttention (InstellaDotProductAttention)" in out.stdout
     ref, _ = read_log(tmp_path / "ref")
 
     run_trainer(2, common + ["--use-distributed-optimizer", "--save", tmp_path / "dp2", "--save-interval", 3])

@@ -1,9 +1,19 @@
-"""Build this rank's Instella model chunks (one per virtual pipeline stage) from a config and a spec."""
+"""Build this rank's Instella model chunks (one per virtual pipeline stage) from a config and a named
+layer spec (``specs.py``: a backend provider filling in Instella's layer layout)."""
 from typing import List, Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
+)
 
 from instella_plugin.model.config import InstellaConfig
+from instella_plugin.model.init import initialize_model
 from instella_plugin.model.specs import check_spec_name, get_spec
 
 
@@ -13,11 +23,6 @@ def build_gpt_chunks(cfg: InstellaConfig, transformer_config, spec_name: str = "
 
     ``init_seed=None`` leaves the weights uninitialised (a checkpoint will be loaded).
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    from instella_plugin.model.init import initialize_model
-
     check_spec_name(spec_name)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
@@ -52,13 +57,6 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     see init.py). Without them the optimizer counts the TP-sharded weights as duplicates on every TP
     rank but 0, so the gradient norm, and with it clipping, would be wrong at TP > 1.
     """
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-        set_tensor_model_parallel_attributes,
-    )
-
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if weight is None or getattr(weight, "tensor_model_parallel", False):
