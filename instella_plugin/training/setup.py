@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from instella_plugin.training import checkpointing
+from instella_plugin.training import checkpoint_check, checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ def _empty(save_dir: str) -> bool:
 def _checked(args, plugin, path, flag):
     try:
         path = checkpointing.resolve_checkpoint_dir(path)
+        checkpoint_check.check_readable(path, flag)
         meta = checkpointing.read_meta(path)
     except (checkpointing.CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: {flag} {path}: {e}")
