@@ -4,13 +4,13 @@ every corrupt file is named.
 Each case checks the exit code, that the message names the file or flag at fault, and that the good
 output written before is byte-identical afterwards (checksums before and after). Commands run in
 this process through ``instella_plugin.cli.main`` except where a real process is the point: kill -9
-during ``data prepare``, and the trainer reading a checkpoint whose newest iteration is damaged (one
-tiny trained checkpoint, shared by every checkpoint case).
+during ``data prepare``, and (slow tier) the trainer reading a checkpoint whose newest iteration is
+damaged, then loading the iteration its error suggests. One tiny trained checkpoint (one rank, two
+iterations) is shared by every checkpoint case.
 """
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -240,7 +240,7 @@ def trained(tmp_path_factory):
     truncated to half. Returns (save dir, damaged shard)."""
     save = tmp_path_factory.mktemp("ckpt") / "save"
     run_trainer(1, [*TINY_MODEL, "--train-iters", "2", "--save-interval", "1", "--save", save,
-                    "--global-batch-size", "2", "--eval-iters", "0"])
+                    "--global-batch-size", "2", "--lr-warmup-iters", "0"])
     it2 = save / "iter_0000002"
     shard = max(it2.glob("*.distcp"), key=lambda p: p.stat().st_size)
     data = shard.read_bytes()
@@ -265,7 +265,24 @@ def test_convert_and_merge_name_the_damaged_shard_and_the_intact_iteration(train
     assert run(capsys, "convert", "--input", save / "iter_0000001", "--output", tmp_path / "hf")[0] == 0
 
 
-def test_trainer_names_the_damaged_shard_and_loads_the_suggested_iteration(trained, tmp_path):
+def test_trainer_load_names_the_damaged_shard_and_the_intact_iteration(trained):
+    """The trainer's --load decision (``setup.resolve_load``, run before the model is built), in process."""
+    from instella_plugin.training.arguments import parse_args
+    from instella_plugin.training.setup import resolve_load
+
+    save, shard = trained
+    before = digest(save)
+    args, plugin = parse_args([*map(str, TINY_MODEL), "--train-iters", "3", "--save", str(save), "--load", str(save)])
+    with pytest.raises(SystemExit) as e:
+        resolve_load(args, plugin)
+    msg = str(e.value.code)
+    assert msg.startswith("error: --load") and str(shard) in msg and "checkpoint iteration 2" in msg
+    assert "truncated" in msg and f"--load {save / 'iter_0000001'}" in msg
+    assert digest(save) == before
+
+
+@pytest.mark.slow
+def test_trainer_process_names_the_damaged_shard_and_loads_the_suggested_iteration(trained, tmp_path):
     save, shard = trained
     before = digest(save)
     proc = run_trainer(1, [*TINY_MODEL, "--train-iters", "3", "--save", save, "--load", save], check=False)
@@ -275,8 +292,7 @@ def test_trainer_names_the_damaged_shard_and_loads_the_suggested_iteration(train
     assert f"--load {save / 'iter_0000001'}" in err and "failed finding central directory" not in err
     assert digest(save) == before
     new = tmp_path / "resumed"
-    proc = run_trainer(1, [*TINY_MODEL, "--train-iters", "2", "--global-batch-size", "2", "--eval-iters", "0",
+    proc = run_trainer(1, [*TINY_MODEL, "--train-iters", "2", "--global-batch-size", "2", "--lr-warmup-iters", "0",
                            "--load", save / "iter_0000001", "--save", new])
     assert "(iteration 1); resuming at iteration 1" in proc.stdout
     assert (new / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    shutil.rmtree(new)
