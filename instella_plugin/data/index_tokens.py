@@ -59,6 +59,19 @@ def document_lengths(tokens: np.ndarray, eod_id: int) -> np.ndarray:
     return lengths.astype(np.int32)
 
 
+def _check_output(path: str, output_prefix: str, overwrite: bool) -> bool:
+    """Refuse an output that is the input or exists (unless ``overwrite``); True when the input is its own .bin."""
+    bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
+    same = os.path.abspath(path) == os.path.abspath(bin_path)
+    if os.path.realpath(path) == os.path.realpath(idx_path):
+        raise ValueError(f"output {idx_path} is the input itself; give another --output-dir")
+    existing = [p for p in ((idx_path,) if same else (bin_path, idx_path)) if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise OutputExists(f"output {', '.join(existing)} already exists; pass --overwrite to replace it (the old "
+                           "pair stays readable until the new one is complete), or give another --output-dir")
+    return same
+
+
 def index_token_file(path: str, output_prefix: str, eod_id: int = 0, dtype: str = "uint16",
                      bin_mode: str = "symlink", overwrite: bool = False) -> dict:
     """Write ``output_prefix.{bin,idx}`` for the raw token file ``path``; return counts."""
@@ -70,13 +83,7 @@ def index_token_file(path: str, output_prefix: str, eod_id: int = 0, dtype: str 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"token file {path} does not exist")
     bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
-    same = os.path.abspath(path) == os.path.abspath(bin_path)  # the input serves as its own .bin
-    if os.path.realpath(path) == os.path.realpath(idx_path):
-        raise ValueError(f"output {idx_path} is the input itself; give another --output-dir")
-    existing = [p for p in ((idx_path,) if same else (bin_path, idx_path)) if os.path.lexists(p)]
-    if existing and not overwrite:
-        raise OutputExists(f"output {', '.join(existing)} already exists; pass --overwrite to replace it (the old "
-                           "pair stays readable until the new one is complete), or give another --output-dir")
+    same = _check_output(path, output_prefix, overwrite)
     tokens, offset = _payload(path, np_dtype)
     lengths = document_lengths(tokens, eod_id)
     if len(tokens) and not (tokens == eod_id).any():
@@ -108,8 +115,11 @@ def index_token_file(path: str, output_prefix: str, eod_id: int = 0, dtype: str 
 
 def index_token_files(paths: List[str], output_dir: str | None = None, **kwargs) -> List[dict]:
     """Index many files; each gets the prefix ``output_dir/STEM`` (default: beside the input)."""
-    out = []
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        out.append(index_token_file(path, os.path.join(output_dir or os.path.dirname(path), stem), **kwargs))
-    return out
+    prefixes = [os.path.join(output_dir or os.path.dirname(p), os.path.splitext(os.path.basename(p))[0]) for p in paths]
+    clash = sorted({p for p in prefixes if prefixes.count(p) > 1})
+    if clash:
+        raise ValueError(f"several inputs would be indexed to {', '.join(clash)}; files with the same name need "
+                         "their own --output-dir runs")
+    for path, prefix in zip(paths, prefixes):  # every output checked before the first is written
+        _check_output(path, prefix, kwargs.get("overwrite", False))
+    return [index_token_file(path, prefix, **kwargs) for path, prefix in zip(paths, prefixes)]
