@@ -76,7 +76,7 @@ def main():
             runs.setdefault("bare encode_batch", []).append(bare_encode(tok, docs, 512))
             for w in [1] + [w for w in args.workers if w != 1]:
                 c = time.process_time()  # this process only: all of the work when w == 1
-                s = prepare(src, os.path.join(tmp, f"out{w}"), tok, workers=w, progress=False)
+                s = prepare(src, os.path.join(tmp, f"out{w}"), tok, workers=w, progress=False, overwrite=True)
                 runs.setdefault(f"prepare --workers {w}", []).append(
                     (s.tokens - s.documents, s.seconds, time.process_time() - c if w == 1 else float("nan")))  # no EOS
         rows = {k: min(v, key=lambda r: r[1]) for k, v in runs.items()}

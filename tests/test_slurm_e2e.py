@@ -203,7 +203,7 @@ def test_tiny_cpu_recipe_trains_then_resumes(cluster, tiny_data, tmp_path):
     log = (run / "logs" / f"instella-tiny-{jid}.out").read_text()
     assert "launch environment for platform cpu" in log and "iteration      20/20" in log
 
-    out, [jid2] = submit_cli(cluster, *tiny_args(tmp_path, tiny_data, "tiny", "--train-iters", "26"))
+    out, [jid2] = submit_cli(cluster, *tiny_args(tmp_path, tiny_data, "tiny", "--train-iters", "26", "--overwrite"))
     assert f"{ckpt}: resumes from iteration 20" in out
     assert_completed(cluster, [jid2], 240, run / "logs")
     assert (ckpt / TRACKER).read_text().strip() == "26"

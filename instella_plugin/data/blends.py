@@ -139,8 +139,11 @@ class ResolvedBlend:
                 out[split] = [x for p, w in zip(*b) for x in (w, p)]
         return out
 
-    def write_per_split_json(self, path: str) -> str:
-        """Write ``per_split()`` atomically to ``path``."""
+    def write_per_split_json(self, path: str, overwrite: bool = True) -> str:
+        """Write ``per_split()`` atomically to ``path`` (an existing file only with ``overwrite``)."""
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"output {path} already exists; pass --overwrite to replace it, or choose "
+                                  "another --output")
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.per_split(), f, indent=1)
@@ -173,7 +176,8 @@ def _expand(data_root: str, prefix: str) -> List[str]:
 def resolve_blend(name_or_path: str, data_root: str) -> ResolvedBlend:
     """Find every source's shards under ``data_root``, read their token counts, compute weights.
 
-    Raises ``BlendError`` listing every source that matched no ``.idx`` (not just the first), and
+    Raises ``BlendError`` listing every source that matched no ``.idx`` (not just the first) and every
+    source with a weight above zero but no tokens (it would silently drop out of the blend), and
     ``IndexedDataError`` for a pair whose ``.idx`` does not match its ``.bin``.
     """
     blend = load_blend(name_or_path)
@@ -198,6 +202,13 @@ def resolve_blend(name_or_path: str, data_root: str) -> ResolvedBlend:
     if missing:
         raise BlendError(f"blend {blend['name']}: {len(missing)} source(s) have no data under {data_root}:\n  "
                          + "\n  ".join(missing) + "\nprepare them with `instella data prepare` or fix --data-root")
+    unit = "examples" if sft else "tokens"
+    empty = [f"{r.split}/{r.name} ({mode} {r.weight:g}): {', '.join(p + ('_tokens' if sft else '') for p in r.prefixes)}"
+             for r in resolved.rows if r.weight > 0 and (r.documents if sft else r.tokens) == 0]
+    if empty:
+        raise BlendError(f"blend {blend['name']}: {len(empty)} source(s) with a {mode} above zero hold no {unit}, so "
+                         "they would drop out of the blend:\n  " + "\n  ".join(empty)
+                         + f"\nre-prepare them, or give them {mode} 0 in the blend")
     for split in SPLITS:
         rows = resolved.split_rows(split)
         size = (lambda r: r.documents) if sft else (lambda r: r.tokens)

@@ -9,6 +9,8 @@ import json
 import sys
 import warnings
 
+from instella_plugin.flag_types import non_negative_int, positive_int
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instella data", description=__doc__.splitlines()[0])
@@ -19,31 +21,35 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     a.add_argument("--tokenizer", default=None, help="tokenizer .json, directory or cached name (default: Instella)")
     a.add_argument("--json-key", default="text", help="text field (JSONL) or column (Parquet/Arrow)")
-    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--workers", type=positive_int, default=1)
     a.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"])
     a.add_argument("--no-append-eod", action="store_true", help="do not end each document with EOS")
     a.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (NLTK Punkt, offline)")
     a.add_argument("--language", default="english", help="Punkt model for --split-sentences")
     a.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed records instead of failing")
     a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
 
     i = sub.add_parser("index", help="build .idx files for raw uint16 token files (OLMo/Dolma .npy)")
     i.add_argument("files", nargs="+")
     i.add_argument("--output-dir", default=None, help="where PREFIX.{bin,idx} go (default: beside each file)")
-    i.add_argument("--eod-id", type=int, default=0, help="document separator (0 for Instella; 50279 in older AI2 files)")
+    i.add_argument("--eod-id", type=non_negative_int, default=0, help="document separator (0 for Instella; 50279 in older AI2 files)")
     i.add_argument("--dtype", default="uint16", choices=["uint16", "int32"])
     i.add_argument("--bin-mode", default="symlink", choices=["symlink", "hardlink", "copy"])
+    i.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.bin/.idx")
 
     b = sub.add_parser("blend", help="resolve a blend against a data root; print the table, write per-split JSON")
     b.add_argument("blend", help="built-in blend name or a YAML path")
     b.add_argument("--data-root", required=True)
     b.add_argument("--output", default=None, help="write the --per-split-data-args-path JSON here")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     s = sub.add_parser("sft", help="format chats (or preference pairs) to token and loss-mask arrays")
     s.add_argument("inputs", nargs="+", help='JSONL with {"messages": [...]} (or "chosen"/"rejected")')
     s.add_argument("--output-prefix", required=True, help="writes PREFIX_tokens and PREFIX_mask")
     s.add_argument("--preference", action="store_true", help="inputs hold chosen/rejected pairs")
     s.add_argument("--tokenizer", default=None)
+    s.add_argument("--overwrite", action="store_true", help="replace existing PREFIX_tokens/PREFIX_mask")
     return p
 
 
@@ -53,7 +59,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
         print(f"instella data {args.action}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -65,13 +71,14 @@ def _run(args) -> int:
         stats = prepare(args.inputs, args.output_prefix, args.tokenizer, json_key=args.json_key,
                         workers=args.workers, dtype=args.dtype, append_eod=not args.no_append_eod,
                         split_sentences=args.split_sentences, language=args.language,
-                        skip_bad_records=args.skip_bad_lines, progress=False if args.no_progress else None)
+                        skip_bad_records=args.skip_bad_lines, progress=False if args.no_progress else None,
+                        overwrite=args.overwrite)
         print(stats_line(stats))
     elif args.action == "index":
         from instella_plugin.data.index_tokens import index_token_files
 
         for r in index_token_files(args.files, args.output_dir, eod_id=args.eod_id, dtype=args.dtype,
-                                   bin_mode=args.bin_mode):
+                                   bin_mode=args.bin_mode, overwrite=args.overwrite):
             print(f"{r['prefix']}: {r['documents']:,} documents, {r['tokens']:,} tokens")
     elif args.action == "blend":
         from instella_plugin.data.blends import resolve_blend
@@ -79,13 +86,14 @@ def _run(args) -> int:
         resolved = resolve_blend(args.blend, args.data_root)
         print(resolved.table())
         if args.output:
-            print(f"wrote {resolved.write_per_split_json(args.output)}")
+            print(f"wrote {resolved.write_per_split_json(args.output, args.overwrite)}")
         else:
             print(json.dumps(resolved.per_split()))
     elif args.action == "sft":
         from instella_plugin.data.sft import read_chat_jsonl, write_preference, write_sft
 
         chats = (c for path in args.inputs for c in read_chat_jsonl(path, args.preference))
-        n = (write_preference if args.preference else write_sft)(chats, args.output_prefix, args.tokenizer)
+        n = (write_preference if args.preference else write_sft)(chats, args.output_prefix, args.tokenizer,
+                                                                 overwrite=args.overwrite, inputs=args.inputs)
         print(f"{args.output_prefix}: {n:,} {'pairs' if args.preference else 'chats'}")
     return 0

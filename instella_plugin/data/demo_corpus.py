@@ -96,7 +96,8 @@ def build_demo_corpus(out_dir: str, num_docs: int = 2000, seed: int = 1234, num_
     """Generate, tokenise and store the demo corpus under ``out_dir``; return the data root.
 
     ``num_docs`` training documents are split 70/30 between the English and arithmetic sources;
-    valid/test sources get a further 5% each (at least 8 documents). Same arguments, same bytes.
+    valid/test sources get a further 5% each (at least 8 documents). Same arguments, same bytes, so a
+    second call rebuilds the corpus in place (it owns ``out_dir``).
     """
     if num_docs < 10:
         raise ValueError(f"num_docs must be at least 10, got {num_docs}")
@@ -117,13 +118,13 @@ def build_demo_corpus(out_dir: str, num_docs: int = 2000, seed: int = 1234, num_
     }
     for name, docs in sources.items():
         path = _write_jsonl(os.path.join(out_dir, "jsonl", f"{name}.jsonl"), iter(docs))
-        prepare(path, os.path.join(out_dir, "tiny", name), tok, workers=1, progress=False)
+        prepare(path, os.path.join(out_dir, "tiny", name), tok, workers=1, progress=False, overwrite=True)
     chats = [_chat(rng) for _ in range(num_chats)]
-    write_sft(chats, os.path.join(out_dir, SFT_PREFIX), tok)
+    write_sft(chats, os.path.join(out_dir, SFT_PREFIX), tok, overwrite=True)
     pairs = []
     for chat in chats[: max(8, num_chats // 4)]:
         wrong = [dict(m) for m in chat]
         wrong[-1]["content"] = wrong[-1]["content"].rsplit("=", 1)[0] + f"= {rng.randrange(100, 200)}."
         pairs.append((chat, wrong))
-    write_preference(pairs, os.path.join(out_dir, DPO_PREFIX), tok)
+    write_preference(pairs, os.path.join(out_dir, DPO_PREFIX), tok, overwrite=True)
     return out_dir

@@ -1,10 +1,13 @@
 """Megatron indexed datasets (``.bin``/``.idx``): crash-safe writing and validation.
 
 Writing goes through megatron-core's ``IndexedDatasetBuilder``. A pair is complete only when its
-``.idx`` exists: ``PartialPairWriter`` first removes any old ``.idx`` of the prefix, writes
-``PREFIX.bin.partial`` and ``PREFIX.idx.partial``, then renames the ``.bin`` into place and the
-``.idx`` last. A process killed at any point leaves no ``.idx`` next to a ``.bin`` it does not
-describe. ``check_pair`` validates an existing pair against its ``.bin`` before anyone trains on it.
+``.idx`` exists: ``PartialPairWriter`` writes ``PREFIX.bin.partial`` and ``PREFIX.idx.partial`` and
+leaves an old pair of the prefix as it is, readable, until ``commit()``: that removes the old
+``.idx``, renames the new ``.bin`` into place and the new ``.idx`` last. A process killed while
+writing leaves the old pair byte-identical; one killed inside the commit leaves no ``.idx`` next to
+a ``.bin`` it does not describe. ``refuse_existing`` is the ``--overwrite`` rule of every data command
+(run before any work). ``check_pair`` validates an existing pair against its ``.bin`` before anyone
+trains on it.
 """
 from __future__ import annotations
 
@@ -22,6 +25,27 @@ _HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 
 class IndexedDataError(ValueError):
     """An ``.idx``/``.bin`` pair that is missing, truncated or inconsistent."""
+
+
+class OutputExists(FileExistsError):
+    """An output that already exists, written over only with ``--overwrite``."""
+
+
+def refuse_existing(prefixes, overwrite: bool, inputs=()) -> None:
+    """The output rule of the data commands, checked before any work.
+
+    Refuses an output ``.bin``/``.idx`` that is one of ``inputs`` (always), and one that exists unless
+    ``overwrite`` (then the old pair stays readable until the new one is complete).
+    """
+    outputs = [p + ext for p in prefixes for ext in (".bin", ".idx")]
+    real_inputs = {os.path.realpath(i) for i in inputs}
+    clash = [o for o in outputs if os.path.realpath(o) in real_inputs]
+    if clash:
+        raise ValueError(f"output {clash[0]} is also an input; write to another --output-prefix")
+    existing = [o for o in outputs if os.path.lexists(o)]
+    if existing and not overwrite:
+        raise OutputExists(f"output {', '.join(existing)} already exists; pass --overwrite to replace it (the old "
+                           "data stays readable until the new data is complete), or choose another output")
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> type:
@@ -44,6 +68,17 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> type:
     raise ValueError(f"unknown dtype {requested!r}; choose auto, uint16 or int32")
 
 
+def publish_pair(bin_tmp, idx_tmp: str, prefix: str) -> None:
+    """Rename a complete new pair over ``prefix``: the old ``.idx`` goes first (the old pair stops looking
+    complete), then the ``.bin`` is renamed into place (skipped when ``bin_tmp`` is None) and the ``.idx``
+    last. Until this call an old pair is untouched."""
+    if os.path.lexists(prefix + ".idx"):
+        os.remove(prefix + ".idx")
+    if bin_tmp is not None:
+        os.replace(bin_tmp, prefix + ".bin")
+    os.replace(idx_tmp, prefix + ".idx")
+
+
 class PartialPairWriter:
     """Write one ``.bin``/``.idx`` pair under temporary names; ``commit()`` publishes it.
 
@@ -56,8 +91,6 @@ class PartialPairWriter:
         self.bin_path, self.idx_path = prefix + ".bin", prefix + ".idx"
         self.bin_tmp, self.idx_tmp = self.bin_path + ".partial", self.idx_path + ".partial"
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        if os.path.exists(self.idx_path):  # the old pair stops looking complete before anything changes
-            os.remove(self.idx_path)
         self.builder = IndexedDatasetBuilder(self.bin_tmp, dtype=dtype)
         self.documents = 0
         self.tokens = 0
@@ -83,10 +116,9 @@ class PartialPairWriter:
         self.tokens += int(len(tokens))
 
     def commit(self) -> None:
-        """Write the index, rename the ``.bin`` into place, then the ``.idx`` (last)."""
+        """Write the index; then publish: remove the old ``.idx``, rename the ``.bin``, the ``.idx`` last."""
         self.builder.finalize(self.idx_tmp)
-        os.replace(self.bin_tmp, self.bin_path)
-        os.replace(self.idx_tmp, self.idx_path)
+        publish_pair(self.bin_tmp, self.idx_tmp, self.prefix)
         self._done = True
 
     def abort(self) -> None:

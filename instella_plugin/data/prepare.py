@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from instella_plugin.data.indexed import PartialPairWriter, choose_dtype
+from instella_plugin.data.indexed import PartialPairWriter, choose_dtype, refuse_existing
 from instella_plugin.data.readers import BadRecord, read_documents, resolve_inputs
 
 _WORKER = {}
@@ -89,17 +89,20 @@ def _progress(total: int, enabled: Optional[bool], desc: str):
 def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_key: str = "text",
             workers: int = 1, dtype: str = "auto", append_eod: bool = True, split_sentences: bool = False,
             language: str = "english", skip_bad_records: bool = False, progress: Optional[bool] = None,
-            chunk_documents: int = 512) -> PrepareStats:
+            chunk_documents: int = 512, overwrite: bool = False) -> PrepareStats:
     """Tokenise ``inputs`` into ``output_prefix.{bin,idx}``; return counts and timing.
 
     ``tokenizer``: None for the Instella tokenizer, a path/name for ``load_tokenizer``, or a loaded
     ``PreTrainedTokenizerFast``. ``skip_bad_records``: skip and count malformed records instead of
     stopping at the first one (the error names file and line). Empty documents are skipped and counted.
-    On any error or interruption no ``.idx`` is left for ``output_prefix``.
+    An existing pair at ``output_prefix`` is refused unless ``overwrite``; it stays readable, byte for
+    byte, until the new pair is complete. A run that writes no document is an error naming the inputs
+    (empty, or every record skipped). On any error or interruption no new ``.idx`` is published.
     """
     from instella_plugin.data.tokenizer import load_tokenizer
 
     files = resolve_inputs([inputs] if isinstance(inputs, str) else list(inputs))
+    refuse_existing([output_prefix], overwrite, files)
     tok = tokenizer if hasattr(tokenizer, "backend_tokenizer") else load_tokenizer(tokenizer)
     np_dtype = choose_dtype(len(tok), dtype)
     eod = tok.eos_token_id if append_eod else None
@@ -150,6 +153,8 @@ def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_ke
             if chunk or chunk_bytes:
                 pending.append((pool.apply_async(_tokenize_chunk, (chunk,)) if pool else _tokenize_chunk(chunk), chunk_bytes))
             drain(0)
+            if writer.documents == 0:
+                raise ValueError(_nothing_written(files, bad, empty))
             writer.commit()
     finally:
         bar.close()
@@ -158,6 +163,17 @@ def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_ke
             pool.join()
     return PrepareStats(output_prefix, writer.documents, writer.tokens, bad, empty,
                         time.perf_counter() - start, np.dtype(np_dtype).name)
+
+
+def _nothing_written(files: List[str], bad: int, empty: int) -> str:
+    """Why a run wrote no document, naming the inputs."""
+    named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    if bad or empty:
+        why = (f"all {bad + empty} records were skipped ({bad} malformed, skipped by --skip-bad-lines; "
+               f"{empty} with empty text)")
+    else:
+        why = "the input holds no records (it is empty)"
+    return f"no documents to write from {named}: {why}; nothing was written"
 
 
 def stats_line(stats: PrepareStats) -> str:

@@ -10,7 +10,8 @@ same ids (every assistant turn, the last included, ends with EOS and ``"\\n"``).
 Storage (``PREFIX`` relative to the data root): two megatron-core indexed datasets written through
 ``IndexedDatasetBuilder``, ``PREFIX_tokens`` (uint16 token ids) and ``PREFIX_mask`` (uint8 loss mask,
 same lengths). One document per example; an SFT example is one sequence, a preference pair two
-(chosen, then rejected). Both ``.idx`` files are removed before writing and published last.
+(chosen, then rejected). Existing stores are replaced only with ``overwrite`` and stay readable until
+both new pairs are complete; an input with no chat is an error.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from instella_plugin.data.indexed import PartialPairWriter, check_pair, choose_dtype
+from instella_plugin.data.indexed import PartialPairWriter, check_pair, choose_dtype, refuse_existing
 
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = (
@@ -70,35 +71,46 @@ class ChatFormatter:
         return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
 
 
-def _writers(prefix: str, vocab: int):
+def _writers(prefix: str, vocab: int, overwrite: bool, inputs: Sequence[str]):
+    refuse_existing([prefix + "_tokens", prefix + "_mask"], overwrite, inputs)
     return PartialPairWriter(prefix + "_tokens", choose_dtype(vocab)), PartialPairWriter(prefix + "_mask", np.uint8)
 
 
-def write_sft(chats: Iterable[Sequence[Dict[str, str]]], prefix: str, tokenizer=None) -> int:
-    """Format and store chats (each a list of messages) at ``prefix``; returns the example count."""
+def _commit(tok_w: PartialPairWriter, mask_w: PartialPairWriter, what: str, inputs: Sequence[str]) -> None:
+    if tok_w.documents == 0:
+        named = ", ".join(inputs) if inputs else "the input"
+        raise ValueError(f"no {what} to write from {named} (empty input); nothing was written")
+    mask_w.commit()
+    tok_w.commit()
+
+
+def write_sft(chats: Iterable[Sequence[Dict[str, str]]], prefix: str, tokenizer=None, overwrite: bool = False,
+              inputs: Sequence[str] = ()) -> int:
+    """Format and store chats (each a list of messages) at ``prefix``; returns the example count.
+
+    ``inputs``: the files the chats come from, named in errors and never written over."""
     fmt = ChatFormatter(tokenizer)
-    tok_w, mask_w = _writers(prefix, len(fmt.tok))
+    tok_w, mask_w = _writers(prefix, len(fmt.tok), overwrite, inputs)
     with tok_w, mask_w:
         for chat in chats:
             ids, mask = fmt(chat)
             tok_w.add_document(ids)
             mask_w.add_document(mask)
-        mask_w.commit()
-        tok_w.commit()
+        _commit(tok_w, mask_w, "chats", inputs)
     return tok_w.documents
 
 
-def write_preference(pairs: Iterable[Tuple[Sequence[dict], Sequence[dict]]], prefix: str, tokenizer=None) -> int:
+def write_preference(pairs: Iterable[Tuple[Sequence[dict], Sequence[dict]]], prefix: str, tokenizer=None,
+                     overwrite: bool = False, inputs: Sequence[str] = ()) -> int:
     """Store (chosen, rejected) chat pairs: each pair one document of two sequences."""
     fmt = ChatFormatter(tokenizer)
-    tok_w, mask_w = _writers(prefix, len(fmt.tok))
+    tok_w, mask_w = _writers(prefix, len(fmt.tok), overwrite, inputs)
     with tok_w, mask_w:
         for chosen, rejected in pairs:
             (ci, cm), (ri, rm) = fmt(chosen), fmt(rejected)
             tok_w.add_document(np.concatenate([ci, ri]), [len(ci), len(ri)])
             mask_w.add_document(np.concatenate([cm, rm]), [len(cm), len(rm)])
-        mask_w.commit()
-        tok_w.commit()
+        _commit(tok_w, mask_w, "preference pairs", inputs)
     return tok_w.documents
 
 

@@ -49,8 +49,12 @@ def load_config_override(spec: Optional[str]) -> Optional[InstellaConfig]:
     return get_preset(spec)
 
 
-def open_megatron(path: str, config: Optional[InstellaConfig] = None):
-    """(iteration dir, meta dict, plugin config, reader) for a save directory or an iter_N directory."""
+def open_megatron(path: str, config: Optional[InstellaConfig] = None, flag: str = "--input"):
+    """(iteration dir, meta dict, plugin config, reader) for a save directory or an iter_N directory.
+
+    An iteration with a missing or truncated file is refused naming the file and the intact
+    iterations beside it (``flag``: the option that would load one of them)."""
+    from instella_plugin.training.checkpoint_check import check_readable
     from instella_plugin.training.checkpointing import META, CheckpointError, resolve_checkpoint_dir
 
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "metadata.json")):
@@ -60,6 +64,7 @@ def open_megatron(path: str, config: Optional[InstellaConfig] = None):
             ckpt_dir = resolve_checkpoint_dir(path)
         except CheckpointError as e:
             raise CheckpointMismatch(str(e)) from e
+    check_readable(ckpt_dir, flag)
     meta = {}
     if os.path.isfile(os.path.join(ckpt_dir, META)):
         import json
@@ -112,7 +117,7 @@ def megatron_to_hf(src: str, out: str, *, fmt: str = "instella", dtype: Optional
 
     if fmt not in formats.FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; choose from {', '.join(formats.FORMATS)}")
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[src])
     ckpt_dir, meta, cfg, ckpt = open_megatron(src, config)
     tokenizer = tokenizer or (meta.get("tokenizer") if meta.get("tokenizer") not in (None, "instella") else None)
     tokenizer_source(tokenizer)  # fail now, not after the weights
@@ -165,7 +170,7 @@ def hf_to_megatron(src: str, out: str, *, dtype: Optional[torch.dtype] = None, o
     from instella_plugin.model.weight_map import megatron_param_from_hf
     from instella_plugin.training.checkpointing import iteration_dir
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[src])
     hf = formats.HFCheckpoint(src, config)
     cfg = hf.cfg
     dtype = dtype or hf.dtype()

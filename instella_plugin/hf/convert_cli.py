@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from instella_plugin.flag_types import non_negative_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="megatron save dir / iter_N dir, or an HF model directory")
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "override the stored one")
     p.add_argument("--tokenizer", help="tokenizer to ship with an HF export (default: the bundled Instella one)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    p.add_argument("--iteration", type=int, default=0, help="iteration number of an HF -> Megatron checkpoint")
+    p.add_argument("--iteration", type=non_negative_int, default=0, help="iteration number of an HF -> Megatron checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds a model")
 
 

@@ -128,7 +128,7 @@ def merge_megatron(paths, out, weights, dtype=None, overwrite=False) -> str:
     from instella_plugin.hf.megatron_io import stacked_layout, write_dist_checkpoint
     from instella_plugin.training.checkpointing import iteration_dir
 
-    opened = [open_megatron(p) for p in paths]  # each checked against its own stored configuration
+    opened = [open_megatron(p, flag="--inputs") for p in paths]  # each checked against its own stored configuration
     cfgs = [o[2] for o in opened]
     check_architectures(cfgs, paths)
     cks = [o[3] for o in opened]
@@ -176,9 +176,7 @@ def merge(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = N
     if len(kinds) > 1:
         raise CheckpointMismatch("the inputs mix Hugging Face and Megatron checkpoints; convert them to one kind "
                                  "first (instella convert)")
-    if any(os.path.abspath(out) == os.path.abspath(p) for p in paths):
-        raise ValueError(f"output {out} is one of the inputs; write the merge elsewhere")
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=paths)
     if kinds == {"hf"}:
         return merge_hf(paths, out, weights, dtype, overwrite, **kwargs)
     return merge_megatron(paths, out, weights, dtype, overwrite)

@@ -1,8 +1,9 @@
 """Output directories written atomically: build in a sibling temp directory, then swap it into place.
 
-``check_output(path, overwrite)`` runs before any expensive work: it refuses a path that already
-holds a model (Hugging Face files or a megatron checkpoint) unless ``overwrite`` is set, and any other
-non-empty directory or a file outright. ``atomic_output(path, overwrite)`` yields the temp directory;
+``check_output(path, overwrite, inputs)`` runs before any expensive work: it refuses an output that
+is or contains one of the inputs (replacing it would delete the input), a path that
+already holds a model (Hugging Face files or a megatron checkpoint) unless ``overwrite`` is set, and
+any other non-empty directory or a file outright. ``atomic_output(path, overwrite)`` yields the temp directory;
 on success it is renamed to ``path`` (an overwritten old directory is moved aside first and deleted
 last), on failure it is removed and ``path`` is left as it was.
 """
@@ -27,7 +28,18 @@ def holds_model(path: str) -> bool:
     return any(n in MODEL_MARKERS for n in names) or any(n.startswith("iter_") for n in names)
 
 
-def check_output(path: str, overwrite: bool) -> None:
+def _within(inner: str, outer: str) -> bool:
+    return os.path.commonpath([inner, outer]) == outer
+
+
+def check_output(path: str, overwrite: bool, inputs=()) -> None:
+    real = os.path.realpath(path)
+    for src in inputs:
+        src_real = os.path.realpath(src)
+        if _within(src_real, real):
+            how = "is" if src_real == real else "contains"
+            raise OutputExists(f"output {path} {how} the input {src}; replacing it would destroy the input, so "
+                               "write to another directory")
     if os.path.isfile(path):
         raise OutputExists(f"output {path} is a file; give a directory path")
     if not os.path.isdir(path) or not os.listdir(path):

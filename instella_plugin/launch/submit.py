@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from instella_plugin.flag_types import non_negative_int, positive_int
 from instella_plugin.launch import jobscript
 from instella_plugin.launch.profile import Layout, ProfileError, check_layout, load_profile
 from instella_plugin.launch.recipe_defaults import available_recipes, recipe_defaults
@@ -28,15 +29,15 @@ def add_arguments(p):
     p.add_argument("--profile", required=True, help="cluster profile: bundled name or YAML path")
     p.add_argument("--run-name", help="run directory under the profile's output_root (default: recipe name)")
     p.add_argument("--blend", help="data blend (default: the recipe's)")
-    p.add_argument("--seeds", type=int, nargs="+", help="one seed, or several for a job array + merge")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", help="one seed, or several for a job array + merge")
     p.add_argument("--no-merge", action="store_true", help="with several seeds: submit no merge job")
-    p.add_argument("--nodes", type=int, help="override the profile's node count")
-    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int)
-    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int)
-    p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int)
-    p.add_argument("--micro-batch-size", type=int)
-    p.add_argument("--global-batch-size", type=int)
-    p.add_argument("--train-iters", type=int)
+    p.add_argument("--nodes", type=positive_int, help="override the profile's node count")
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=positive_int)
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=positive_int)
+    p.add_argument("--cp", "--context-parallel-size", dest="cp", type=positive_int)
+    p.add_argument("--micro-batch-size", type=positive_int)
+    p.add_argument("--global-batch-size", type=positive_int)
+    p.add_argument("--train-iters", type=positive_int)
     p.add_argument("--init-from", metavar="DIR",
                    help="checkpoint to start from while the run has none of its own (Megatron-LM's "
                         "--pretrained-checkpoint), e.g. stage 1 for stage 2")
@@ -44,13 +45,16 @@ def add_arguments(p):
                    help="override a profile key, e.g. --set output_root=/scratch/runs (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="write the scripts and print what would be submitted")
     p.add_argument("--local", action="store_true", help="run the same scripts here with bash, without Slurm")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run's scripts and run.json when an earlier submission wrote them with other "
+                        "settings (identical ones are reused without it)")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER,
                    help="after --: further trainer flags, passed unchanged")
 
 
 def plan(args):
     """Validate everything and return (spec, merge_dir); raises ProfileError/ValueError."""
-    overrides = list(args.overrides) + ([f"nodes={args.nodes}"] if args.nodes else [])
+    overrides = list(args.overrides) + ([f"nodes={args.nodes}"] if args.nodes is not None else [])
     profile = load_profile(args.profile, overrides)
     defaults = recipe_defaults(args.recipe)
 
@@ -156,15 +160,22 @@ def run(args):
         print(f"instella submit: error: {e}", file=sys.stderr)
         return 2
     train = run_dir / "submit" / ("train_seeds.sbatch" if spec.is_array else "train.sbatch")
-    _write(train, jobscript.render_train_script(spec))
-    merge = None
-    if merge_dir:
-        merge = run_dir / "submit" / "merge.sbatch"
-        _write(merge, jobscript.render_merge_script(spec, merge_dir))
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    merge = run_dir / "submit" / "merge.sbatch" if merge_dir else None
     record = {"run_name": spec.run_name, "recipe": spec.recipe, "blend": spec.blend, "seeds": spec.seeds,
               "profile": spec.profile.path, "layout": spec.layout.describe()}
-    _write(run_dir / "run.json", json.dumps(record, indent=1) + "\n", mode=0o644)
+    outputs = {train: (jobscript.render_train_script(spec), 0o755),
+               run_dir / "run.json": (json.dumps(record, indent=1) + "\n", 0o644)}
+    if merge:
+        outputs[merge] = (jobscript.render_merge_script(spec, merge_dir), 0o755)
+    changed = [str(path) for path, (text, _) in outputs.items() if path.exists() and path.read_text() != text]
+    if changed and not args.overwrite:
+        print(f"instella submit: error: this submission would replace {', '.join(changed)}, written by an earlier "
+              "submission with other settings; pass --overwrite to replace them (the run's checkpoints are kept "
+              "and resumed), or choose another --run-name", file=sys.stderr)
+        return 2
+    for path, (text, mode) in outputs.items():
+        _write(path, text, mode)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     print(f"[instella] run {spec.run_name}: {spec.layout.describe()}")
     for d, it in resume_state(spec).items():

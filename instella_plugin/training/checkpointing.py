@@ -21,6 +21,7 @@ from typing import List, Optional
 
 import torch
 
+from instella_plugin.training import checkpoint_check
 from instella_plugin.training.model_setup import unwrap
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ def load_checkpoint(path: str, model_chunks, *, optimizer=None, scheduler=None, 
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_checkpoint_dir(path)
+    checkpoint_check.check_readable(ckpt, "--load")
     meta = read_meta(ckpt)
     contents = set(meta.get("contents", ["model"]))
     state = model_sharded_state_dict(model_chunks)

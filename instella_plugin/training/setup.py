@@ -15,7 +15,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from instella_plugin import cpu_mode
 from instella_plugin.megatron_fixes import fix_distributed_optimizer_step_on_load
-from instella_plugin.training import checkpointing
+from instella_plugin.training import checkpoint_check, checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def _empty(save_dir: str) -> bool:
 def _checked(run, plugin, path, flag):
     try:
         path = checkpointing.resolve_checkpoint_dir(path)
+        checkpoint_check.check_readable(path, flag)
         meta = checkpointing.read_meta(path)
     except (checkpointing.CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: {flag} {path}: {e}")
