@@ -272,9 +272,9 @@ def test_trainer_load_names_the_damaged_shard_and_the_intact_iteration(trained):
 
     save, shard = trained
     before = digest(save)
-    args, plugin = parse_args([*map(str, TINY_MODEL), "--train-iters", "3", "--save", str(save), "--load", str(save)])
+    run, plugin = parse_args([*map(str, TINY_MODEL), "--train-iters", "3", "--save", str(save), "--load", str(save)])
     with pytest.raises(SystemExit) as e:
-        resolve_load(args, plugin)
+        resolve_load(run, plugin)
     msg = str(e.value.code)
     assert msg.startswith("error: --load") and str(shard) in msg and "checkpoint iteration 2" in msg
     assert "truncated" in msg and f"--load {save / 'iter_0000001'}" in msg

@@ -172,3 +172,17 @@ def test_layout_cli_and_the_trainer_share_the_arithmetic(capsys):
         arguments.parse_args(TINY + ["--micro-batch-size", "4", "--global-batch-size", "62"])
     assert "global batch 62 is not divisible by micro-batch 4 x DP 1 = 4" in str(trainer_error.value)
     assert "global batch 60 is not divisible by micro-batch 4 x DP 4 = 16" in err
+
+
+def test_an_empty_data_path_pair_is_refused_naming_it(tmp_path):
+    from instella_plugin.data.indexed import PartialPairWriter
+
+    for name, docs in (("empty", []), ("full", [[5, 6, 7]])):
+        with PartialPairWriter(str(tmp_path / name)) as w:
+            for doc in docs:
+                w.add_document(doc)
+            w.commit()
+    base = STOCK[:-5] + ["--lr", "1e-3", "--train-iters", "4"]  # no --mock-data
+    arguments.parse_args(base + ["--data-path", str(tmp_path / "full")])
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'empty'} holds no tokens but has weight 0.5"):
+        arguments.parse_args(base + ["--data-path", "0.5", str(tmp_path / "full"), "0.5", str(tmp_path / "empty")])

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from instella_plugin.data.indexed import IndexedDataError, check_pair
 from instella_plugin.model.config import InstellaConfig
 from instella_plugin.training.layout import LayoutError, ParallelLayout
 from instella_plugin.training.recipes import recipe_flags
@@ -175,15 +176,23 @@ def _resolve_schedule(flags: Settings, world_size: int) -> Settings:
 
 
 def _check_run(run: RunConfig) -> None:
-    """Checks that need no model or data files opened: fail here, before anything is launched or built."""
+    """Checks before anything is launched or built: the device, and each --data-path pair valid and not empty."""
     flags = run.flags
     if flags.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu or auto")
     own = [] if run.data.named else [run.data.blend, *(run.data.blend_per_split or ())]
-    for prefixes, _ in [b for b in own if b]:
+    for prefixes, weights in [b for b in own if b]:
         missing = [p for p in prefixes if not (os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx"))]
         if missing:
             raise SystemExit("error: data files not found (each prefix needs PREFIX.bin and PREFIX.idx):\n  "
                              + "\n  ".join(missing) + "\nprepare them with `instella data prepare`")
+        for prefix, weight in zip(prefixes, weights or [1.0] * len(prefixes)):
+            try:
+                pair = check_pair(prefix)
+            except IndexedDataError as e:
+                raise SystemExit(f"error: data: {e}") from None
+            if weight > 0 and pair.tokens == 0:
+                raise SystemExit(f"error: data: {prefix} holds no tokens but has weight {weight:g}; prepare it again "
+                                 "or drop it from --data-path")
     if not run.data.has_data:
         raise SystemExit("error: no training data: pass --data-path, --per-split-data-args-path or --mock-data")
