@@ -9,6 +9,10 @@ import argparse
 import sys
 import time
 
+from instella_plugin.hf.convert import parse_dtype
+from instella_plugin.hf.convert_cli import parse_size
+from instella_plugin.hf.merge import merge
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", nargs="+", required=True, help="checkpoints to average (all Megatron or all HF)")
@@ -20,10 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from instella_plugin.hf.convert import parse_dtype
-    from instella_plugin.hf.convert_cli import parse_size
-    from instella_plugin.hf.merge import merge
-
     start = time.time()
     try:
         kwargs = {}

@@ -4,6 +4,7 @@ from typing import List, Optional
 import torch
 
 from instella_plugin.model.config import InstellaConfig
+from instella_plugin.model.init import initialize_model
 from instella_plugin.model.specs import check_spec_name, get_spec
 
 
@@ -15,8 +16,6 @@ def build_gpt_chunks(cfg: InstellaConfig, transformer_config, spec_name: str = "
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-
-    from instella_plugin.model.init import initialize_model
 
     check_spec_name(spec_name)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
