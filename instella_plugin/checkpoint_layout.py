@@ -50,8 +50,8 @@ def list_iterations(save_dir: str) -> List[int]:
     return sorted(i for i in found if i is not None)
 
 
-def latest_iteration(save_dir: str) -> Optional[int]:
-    """The iteration the tracker names, None when the directory holds no checkpoint at all."""
+def _tracked(save_dir: str) -> Optional[Tuple[int, str]]:
+    """(iteration, directory) the tracker names, checked complete; None without a tracker."""
     tracker = os.path.join(save_dir, TRACKER)
     if not os.path.isfile(tracker):
         return None
@@ -64,7 +64,13 @@ def latest_iteration(save_dir: str) -> Optional[int]:
     if not os.path.isfile(os.path.join(path, DIST_METADATA)) or not os.path.isfile(os.path.join(path, META)):
         raise CheckpointError(f"{tracker} names iteration {text}, but {path} is missing or incomplete "
                               f"(no {DIST_METADATA} / {META}); point the tracker at a complete iteration")
-    return it
+    return it, path
+
+
+def latest_iteration(save_dir: str) -> Optional[int]:
+    """The iteration the tracker names (0 for "release"), None when the directory holds no checkpoint at all."""
+    tracked = _tracked(save_dir)
+    return None if tracked is None else tracked[0]
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -73,10 +79,10 @@ def resolve_checkpoint_dir(path: str) -> str:
         return path
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    it = latest_iteration(path)
-    if it is None:
+    tracked = _tracked(path)
+    if tracked is None:
         raise CheckpointError(f"{path} holds no checkpoint (no {TRACKER})")
-    return iteration_dir(path, it)
+    return tracked[1]
 
 
 def read_meta(path: str) -> dict:
