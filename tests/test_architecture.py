@@ -40,6 +40,9 @@ LAZY_AT_EDGE = {
     "instella_plugin.data.cli": "each action's module imports megatron-core's dataset code (seconds); "
                                 "`instella data --help` stays instant",
     "instella_plugin.demo": "the demo corpus writer imports megatron-core (seconds); `--help` stays instant",
+    "instella_plugin.hf.convert_cli": "the converter imports torch.distributed.checkpoint (and sympy, +1 s); "
+                                      "`instella convert --help` does not need it",
+    "instella_plugin.hf.merge_cli": "the same for `instella merge --help`",
 }
 # Modules other work is rewriting (issue 13: the run config and composable trainer, the patch registry,
 # the layer-spec providers) that still import package modules inside functions; empty it as those

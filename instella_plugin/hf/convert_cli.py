@@ -10,8 +10,6 @@ import os
 import sys
 import time
 
-from instella_plugin.hf import convert
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="megatron save dir / iter_N dir, or an HF model directory")
@@ -43,6 +41,8 @@ def parse_size(text: str) -> int:
 
 
 def run(args) -> int:
+    from instella_plugin.hf import convert  # torch.distributed.checkpoint (and sympy): a second; not for --help
+
     start = time.time()
     if not os.path.exists(args.input):
         print(f"instella convert: input {args.input} does not exist", file=sys.stderr)

@@ -9,9 +9,7 @@ import argparse
 import sys
 import time
 
-from instella_plugin.hf.convert import parse_dtype
 from instella_plugin.hf.convert_cli import parse_size
-from instella_plugin.hf.merge import merge
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from instella_plugin.hf.convert import parse_dtype  # torch.distributed.checkpoint: a second; not for --help
+    from instella_plugin.hf.merge import merge
+
     start = time.time()
     try:
         kwargs = {}
