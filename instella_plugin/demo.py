@@ -12,6 +12,9 @@ import statistics
 import subprocess
 import sys
 
+from instella_plugin.checkpoint_layout import TRACKER, iteration_dir, latest_iteration
+from instella_plugin.testing.trainer import read_log
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,9 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "demo"))
     parser.add_argument("--nproc", type=int, default=2)
     args, trainer_args = parser.parse_known_args(argv)
-    from instella_plugin.data.demo_corpus import build_demo_corpus
-    from instella_plugin.testing.trainer import read_log
-    from instella_plugin.training.checkpointing import latest_iteration
+    from instella_plugin.data.demo_corpus import build_demo_corpus  # megatron-core's dataset writer: seconds
 
     data, run = os.path.join(args.out, "data"), os.path.join(args.out, "run")
     if not os.path.isdir(os.path.join(data, "tiny")):
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     print(f"loss: first step {first:.3f} -> mean of the last 20 steps {last20:.3f} ({last20 / first:.2f}x)")
     if evals:
         print("eval loss: " + ", ".join(f"iteration {k}: {v:.3f}" for k, v in sorted(evals.items())))
-    print(f"checkpoint: {run}/iter_{latest_iteration(run):07d} (tracker latest_checkpointed_iteration.txt)")
+    print(f"checkpoint: {iteration_dir(run, latest_iteration(run))} (tracker {TRACKER})")
     print(f"loss curve: {run}/loss.png")
     return 0
 

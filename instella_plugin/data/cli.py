@@ -65,6 +65,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    # The CLI edge: each action's module imports megatron-core's dataset code (seconds), so it is
+    # imported here, for the action that runs, and `instella data --help` stays instant.
     if args.action == "prepare":
         from instella_plugin.data.prepare import prepare, stats_line
 

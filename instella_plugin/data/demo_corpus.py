@@ -22,6 +22,7 @@ from typing import Iterator, List
 
 from instella_plugin.data.prepare import prepare
 from instella_plugin.data.sft import write_preference, write_sft
+from instella_plugin.data.tokenizer import load_tokenizer
 
 SFT_PREFIX = "tiny/sft_chat"
 DPO_PREFIX = "tiny/dpo_pairs"
@@ -101,8 +102,6 @@ def build_demo_corpus(out_dir: str, num_docs: int = 2000, seed: int = 1234, num_
     """
     if num_docs < 10:
         raise ValueError(f"num_docs must be at least 10, got {num_docs}")
-    from instella_plugin.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer)
     rng = random.Random(seed)
     with open(_STORY, encoding="utf-8") as f:

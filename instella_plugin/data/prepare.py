@@ -22,6 +22,8 @@ import numpy as np
 
 from instella_plugin.data.indexed import PartialPairWriter, choose_dtype, refuse_existing
 from instella_plugin.data.readers import BadRecord, read_documents, resolve_inputs
+from instella_plugin.data.sentences import punkt_splitter, split_sentences
+from instella_plugin.data.tokenizer import load_tokenizer
 
 _WORKER = {}
 
@@ -59,8 +61,6 @@ def _tokenize_chunk(texts: Sequence[str]):
     """
     tok, eod, split = _WORKER["tokenizer"], _WORKER["eod"], _WORKER["split"]
     if split:
-        from instella_plugin.data.sentences import split_sentences
-
         pieces_per_doc = [split_sentences(t, split) for t in texts]
         flat = [p for pieces in pieces_per_doc for p in pieces]
         per_doc = np.fromiter((len(p) for p in pieces_per_doc), dtype=np.int64, count=len(texts))
@@ -99,8 +99,6 @@ def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_ke
     byte, until the new pair is complete. A run that writes no document is an error naming the inputs
     (empty, or every record skipped). On any error or interruption no new ``.idx`` is published.
     """
-    from instella_plugin.data.tokenizer import load_tokenizer
-
     files = resolve_inputs([inputs] if isinstance(inputs, str) else list(inputs))
     refuse_existing([output_prefix], overwrite, files)
     tok = tokenizer if hasattr(tokenizer, "backend_tokenizer") else load_tokenizer(tokenizer)
@@ -112,8 +110,6 @@ def prepare(inputs: List[str] | str, output_prefix: str, tokenizer=None, json_ke
         raise ValueError(f"--workers must be >= 1, got {workers}")
     split = language if split_sentences else None
     if split_sentences:
-        from instella_plugin.data.sentences import punkt_splitter
-
         punkt_splitter(language)  # fail on a missing model before any work
     total_bytes = sum(os.path.getsize(f) if os.path.isfile(f) else 0 for f in files) or None  # None: no ETA
     start = time.perf_counter()

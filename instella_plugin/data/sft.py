@@ -4,8 +4,9 @@ Format (official Instella SFT data code): BOS (= EOS, id 0), then per message th
 ``<|system|>\\n`` / ``<|user|>\\n`` / ``<|assistant|>\\n`` (plain text, not special tokens) and the
 stripped content, each tokenised separately; user and system content are followed by ``"\\n"``,
 assistant content by EOS and ``"\\n"``. The loss mask is 1 on assistant content and its EOS only.
-``CHAT_TEMPLATE`` renders the same text, so ``apply_chat_template(..., tokenize=True)`` gives the
-same ids (every assistant turn, the last included, ends with EOS and ``"\\n"``).
+The tokenizer's ``CHAT_TEMPLATE`` (``data.tokenizer``) renders the same text, so
+``apply_chat_template(..., tokenize=True)`` gives the same ids (every assistant turn, the last
+included, ends with EOS and ``"\\n"``).
 
 Storage (``PREFIX`` relative to the data root): two megatron-core indexed datasets written through
 ``IndexedDatasetBuilder``, ``PREFIX_tokens`` (uint16 token ids) and ``PREFIX_mask`` (uint8 loss mask,
@@ -21,24 +22,14 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 
 from instella_plugin.data.indexed import PartialPairWriter, check_pair, choose_dtype, refuse_existing
+from instella_plugin.data.tokenizer import CHAT_TEMPLATE, load_tokenizer  # noqa: F401  (CHAT_TEMPLATE: re-export)
 
 ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('Instella chat roles are system, user and assistant, not ' + message['role']) }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] | trim) }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-
 
 class ChatFormatter:
     """Tokenise chats into (ids, loss mask) the Instella way; marker encodings are cached."""
 
     def __init__(self, tokenizer=None):
-        from instella_plugin.data.tokenizer import load_tokenizer
-
         self.tok = tokenizer if hasattr(tokenizer, "encode") else load_tokenizer(tokenizer)
         self.bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
         self.eos = self.tok.eos_token_id

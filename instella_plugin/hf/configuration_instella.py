@@ -13,6 +13,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from instella_plugin.model.config import InstellaConfig as PluginConfig
+
 
 @strict
 class InstellaConfig(PreTrainedConfig):
@@ -53,9 +55,7 @@ class InstellaConfig(PreTrainedConfig):
         return out
 
     # ---- plugin dataclass <-> HF config --------------------------------------------------------------
-    def to_plugin_config(self, tokenizer_vocab: int = 50280):
-        from instella_plugin.model.config import InstellaConfig as PluginConfig
-
+    def to_plugin_config(self, tokenizer_vocab: int = 50280) -> PluginConfig:
         return PluginConfig(
             num_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads, num_query_groups=self.num_key_value_heads,

@@ -11,17 +11,24 @@ no process group) and written to sharded safetensors in ``instella`` or ``olmoe`
 Both write into a temp directory that replaces ``out`` only when complete (``outputs.atomic_output``).
 """
 import datetime
+import json
 import os
 from typing import Callable, Optional
 
 import torch
 
+from instella_plugin.checkpoint_check import check_readable
+from instella_plugin.checkpoint_layout import (DIST_METADATA, META, CheckpointError, CheckpointMeta, iteration_dir,
+                                               publish, read_meta, resolve_checkpoint_dir)
 from instella_plugin.hf import formats
 from instella_plugin.hf.formats import CheckpointMismatch
 from instella_plugin.hf.megatron_io import (MegatronCheckpoint, extra_state_objects, param_names, stacked_layout,
                                             write_dist_checkpoint)
 from instella_plugin.hf.outputs import atomic_output, check_output, write_json
+from instella_plugin.hf.safetensors_io import ShardedWriter
+from instella_plugin.hf.tokenizer_files import tokenizer_source, write_tokenizer_files
 from instella_plugin.model.config import InstellaConfig, get_preset
+from instella_plugin.model.weight_map import hf_from_megatron_shards, megatron_param_from_hf
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -38,8 +45,6 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 def load_config_override(spec: Optional[str]) -> Optional[InstellaConfig]:
     """--config: a preset name or a JSON file holding ``InstellaConfig.to_dict()``."""
-    import json
-
     if spec is None:
         return None
     if os.path.isfile(spec):
@@ -50,14 +55,11 @@ def load_config_override(spec: Optional[str]) -> Optional[InstellaConfig]:
 
 
 def open_megatron(path: str, config: Optional[InstellaConfig] = None, flag: str = "--input"):
-    """(iteration dir, meta dict, plugin config, reader) for a save directory or an iter_N directory.
+    """(iteration dir, stored meta dict, plugin config, reader) for a save directory or an iter_N directory.
 
     An iteration with a missing or truncated file is refused naming the file and the intact
     iterations beside it (``flag``: the option that would load one of them)."""
-    from instella_plugin.training.checkpoint_check import check_readable
-    from instella_plugin.training.checkpointing import META, CheckpointError, resolve_checkpoint_dir
-
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "metadata.json")):
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, DIST_METADATA)):
         ckpt_dir = path
     else:
         try:
@@ -65,12 +67,7 @@ def open_megatron(path: str, config: Optional[InstellaConfig] = None, flag: str 
         except CheckpointError as e:
             raise CheckpointMismatch(str(e)) from e
     check_readable(ckpt_dir, flag)
-    meta = {}
-    if os.path.isfile(os.path.join(ckpt_dir, META)):
-        import json
-
-        with open(os.path.join(ckpt_dir, META), encoding="utf-8") as f:
-            meta = json.load(f)
+    meta = read_meta(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, META)) else {}
     if config is None:
         if not meta.get("model"):
             raise CheckpointMismatch(f"{ckpt_dir} has no {META} with the model configuration; pass --config "
@@ -111,10 +108,6 @@ def check_megatron_shapes(ckpt: MegatronCheckpoint, cfg: InstellaConfig) -> None
 def megatron_to_hf(src: str, out: str, *, fmt: str = "instella", dtype: Optional[torch.dtype] = None,
                    overwrite: bool = False, config: Optional[InstellaConfig] = None, tokenizer: Optional[str] = None,
                    max_shard_bytes: int = 5 * 1024 ** 3, log: Callable[[str], None] = lambda s: None) -> str:
-    from instella_plugin.hf.safetensors_io import ShardedWriter
-    from instella_plugin.hf.tokenizer_files import tokenizer_source, write_tokenizer_files
-    from instella_plugin.model.weight_map import hf_from_megatron_shards
-
     if fmt not in formats.FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; choose from {', '.join(formats.FORMATS)}")
     check_output(out, overwrite, inputs=[src])
@@ -145,31 +138,15 @@ def megatron_to_hf(src: str, out: str, *, fmt: str = "instella", dtype: Optional
     return out
 
 
-def weights_only_meta(cfg: InstellaConfig, iteration: int, *, rope: float, seq_length: int, **extra) -> dict:
-    meta = {"model": cfg.to_dict(), "spec": "instella", "iteration": iteration, "rotary_base": rope,
-            "seq_length": seq_length, "tokenizer": "instella", "contents": ["model"], "consumed_samples": 0,
-            "layout": {"tp": 1, "pp": 1, "vpp": None, "dp": 1, "cp": 1}, "args": {}}
-    meta.update(extra)
-    return meta
-
-
-def publish_save_dir(tmp: str, iteration: int, meta: dict) -> str:
-    """Write instella_meta.json into tmp/iter_N and the tracker last; returns the iter dir."""
-    from instella_plugin.training.checkpointing import META, TRACKER, iteration_dir
-
-    it_dir = iteration_dir(tmp, iteration)
-    write_json(os.path.join(it_dir, META), meta)
-    with open(os.path.join(tmp, TRACKER + ".tmp"), "w", encoding="utf-8") as f:
-        f.write(str(iteration))
-    os.replace(os.path.join(tmp, TRACKER + ".tmp"), os.path.join(tmp, TRACKER))
-    return it_dir
+def weights_only_meta(cfg: InstellaConfig, iteration: int, *, rope: float, seq_length: int, **extra) -> CheckpointMeta:
+    """The record of a weights-only checkpoint written outside training (converted or merged)."""
+    return CheckpointMeta.weights_only(cfg.to_dict(), iteration, **{
+        "spec": "instella", "rotary_base": rope, "seq_length": seq_length, "tokenizer": "instella", "args": {},
+        **extra})
 
 
 def hf_to_megatron(src: str, out: str, *, dtype: Optional[torch.dtype] = None, overwrite: bool = False,
                    config: Optional[InstellaConfig] = None, iteration: int = 0) -> str:
-    from instella_plugin.model.weight_map import megatron_param_from_hf
-    from instella_plugin.training.checkpointing import iteration_dir
-
     check_output(out, overwrite, inputs=[src])
     hf = formats.HFCheckpoint(src, config)
     cfg = hf.cfg
@@ -187,7 +164,7 @@ def hf_to_megatron(src: str, out: str, *, dtype: Optional[torch.dtype] = None, o
         write_dist_checkpoint(it_dir, layout, {k: dtype for k in layout}, stacked, produce,
                               common={"iteration": iteration, "consumed_samples": 0},
                               objects=extra_state_objects(cfg.num_layers))
-        publish_save_dir(tmp, iteration, weights_only_meta(
+        publish(tmp, weights_only_meta(
             cfg, iteration, rope=cfg.rotary_base, seq_length=cfg.seq_length,
             converted_from={"path": os.path.abspath(src), "format": hf.format, "dtype": str(dtype)}))
     return out

@@ -43,7 +43,7 @@ def parse_size(text: str) -> int:
 
 
 def run(args) -> int:
-    from instella_plugin.hf import convert
+    from instella_plugin.hf import convert  # torch.distributed.checkpoint (and sympy): a second; not for --help
 
     start = time.time()
     if not os.path.exists(args.input):

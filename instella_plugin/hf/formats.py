@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from instella_plugin.hf.safetensors_io import SafetensorsDir
 from instella_plugin.model.config import InstellaConfig
 from instella_plugin.model.weight_map import hf_names, hf_shapes
 
@@ -105,8 +106,6 @@ class HFCheckpoint:
     """An Instella model directory in either format, read tensor by tensor under Instella names."""
 
     def __init__(self, path: str, cfg: Optional[InstellaConfig] = None):
-        from instella_plugin.hf.safetensors_io import SafetensorsDir
-
         self.path = path
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):

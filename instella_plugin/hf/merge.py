@@ -19,10 +19,13 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from instella_plugin.checkpoint_layout import iteration_dir, publish
 from instella_plugin.hf import formats
+from instella_plugin.hf.convert import open_megatron, weights_only_meta
 from instella_plugin.hf.formats import CheckpointMismatch
-from instella_plugin.hf.megatron_io import add_scaled_
+from instella_plugin.hf.megatron_io import add_scaled_, stacked_layout, write_dist_checkpoint
 from instella_plugin.hf.outputs import atomic_output, check_output, write_json
+from instella_plugin.hf.safetensors_io import ShardedWriter
 
 RECORD = "instella_merge.json"
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -98,8 +101,6 @@ def _record(paths, weights, dtype, kind, extra=None) -> dict:
 
 
 def merge_hf(paths, out, weights, dtype=None, overwrite=False, max_shard_bytes=5 * 1024 ** 3) -> str:
-    from instella_plugin.hf.safetensors_io import ShardedWriter
-
     cks = [formats.HFCheckpoint(p) for p in paths]  # each checked against its own config.json
     fmts = {c.format for c in cks}
     if len(fmts) > 1:
@@ -124,10 +125,6 @@ def merge_hf(paths, out, weights, dtype=None, overwrite=False, max_shard_bytes=5
 
 
 def merge_megatron(paths, out, weights, dtype=None, overwrite=False) -> str:
-    from instella_plugin.hf.convert import open_megatron, publish_save_dir, weights_only_meta
-    from instella_plugin.hf.megatron_io import stacked_layout, write_dist_checkpoint
-    from instella_plugin.training.checkpointing import iteration_dir
-
     opened = [open_megatron(p, flag="--inputs") for p in paths]  # each checked against its own stored configuration
     cfgs = [o[2] for o in opened]
     check_architectures(cfgs, paths)
@@ -155,13 +152,11 @@ def merge_megatron(paths, out, weights, dtype=None, overwrite=False) -> str:
         write_dist_checkpoint(it_dir, layout, {k: dtype for k in layout}, stacked, produce,
                               common={"iteration": iteration, "consumed_samples": 0},
                               objects={k: cks[0].read_object(k) for k in cks[0].objects})
+        inherited = {k: metas[0][k] for k in ("spec", "tokenizer") if k in metas[0]}
         meta = weights_only_meta(cfg, iteration, rope=float(metas[0].get("rotary_base", cfg.rotary_base)),
-                                 seq_length=int(metas[0].get("seq_length", cfg.seq_length)), merge=record)
-        for k in ("spec", "tokenizer"):
-            if k in metas[0]:
-                meta[k] = metas[0][k]
+                                 seq_length=int(metas[0].get("seq_length", cfg.seq_length)), merge=record, **inherited)
         write_json(os.path.join(tmp, RECORD), record)
-        publish_save_dir(tmp, iteration, meta)
+        publish(tmp, meta)
     return out
 
 

@@ -9,6 +9,8 @@ import argparse
 import sys
 import time
 
+from instella_plugin.hf.convert_cli import parse_size
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", nargs="+", required=True, help="checkpoints to average (all Megatron or all HF)")
@@ -20,8 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from instella_plugin.hf.convert import parse_dtype
-    from instella_plugin.hf.convert_cli import parse_size
+    from instella_plugin.hf.convert import parse_dtype  # torch.distributed.checkpoint: a second; not for --help
     from instella_plugin.hf.merge import merge
 
     start = time.time()

@@ -13,8 +13,9 @@ import os
 import shutil
 import time
 
-MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json",
-                 "latest_checkpointed_iteration.txt", "metadata.json", "instella_meta.json")
+from instella_plugin.checkpoint_layout import DIST_METADATA, META, TRACKER
+
+MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json", TRACKER, DIST_METADATA, META)
 
 
 class OutputExists(FileExistsError):

@@ -2,7 +2,7 @@
 
 ``tokenizer.json`` is the bundled Instella tokenizer (or another ``tokenizers`` file given by path);
 ``tokenizer_config.json`` declares eos = bos = ``<|endoftext|>`` (id 0), pad = ``<|padding|>`` (id 1)
-and the Instella chat template of the data package (``instella_plugin.data.sft.CHAT_TEMPLATE``),
+and the Instella chat template of the data package (``instella_plugin.data.tokenizer.CHAT_TEMPLATE``),
 so ``apply_chat_template`` gives the same ids as its ``ChatFormatter``; ``generation_config.json``
 carries the same ids. The ids are checked against the tokenizer file before anything is written.
 """
@@ -11,6 +11,7 @@ import os
 import shutil
 from typing import Optional
 
+from instella_plugin.data.tokenizer import CHAT_TEMPLATE, instella_tokenizer_path
 from instella_plugin.hf.outputs import write_json
 
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|padding|>"
@@ -19,8 +20,6 @@ IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
 
 def tokenizer_source(tokenizer: Optional[str]) -> str:
     """Path of the tokenizer.json to ship: the bundled one for None/'instella', else the given file/dir."""
-    from instella_plugin.data.tokenizer import instella_tokenizer_path
-
     if tokenizer in (None, "", "instella"):
         return instella_tokenizer_path()
     path = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
@@ -39,8 +38,6 @@ def check_special_ids(path: str) -> None:
 
 
 def write_tokenizer_files(out_dir: str, tokenizer: Optional[str] = None, max_length: int = 4096) -> None:
-    from instella_plugin.data.sft import CHAT_TEMPLATE
-
     src = tokenizer_source(tokenizer)
     check_special_ids(src)
     shutil.copyfile(src, os.path.join(out_dir, "tokenizer.json"))

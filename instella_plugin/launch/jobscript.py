@@ -14,7 +14,7 @@ and exit, and the step then ends cleanly.
 import shlex
 from dataclasses import dataclass, field
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from instella_plugin.checkpoint_layout import TRACKER
 
 
 @dataclass

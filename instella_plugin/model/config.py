@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from instella_plugin import cpu_mode
+
 
 @dataclass(frozen=True)
 class InstellaConfig:
@@ -89,8 +91,6 @@ class InstellaConfig:
                            cpu: bool = False, **extra):
         """The megatron-core TransformerConfig for this model (qk_layernorm stays off: see qk_norm.py)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
-
-        from instella_plugin import cpu_mode
 
         self.validate(tensor_parallel, pipeline_parallel, virtual_pipeline, context_parallel)
         kwargs = dict(

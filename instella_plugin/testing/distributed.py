@@ -13,6 +13,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from instella_plugin import cpu_mode
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,8 +26,6 @@ def init_parallel(tp=1, pp=1, vpp=None, cp=1, seed=1234):
     """Megatron parallel state + CPU mode + RNG seeds on an initialised gloo process group."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from instella_plugin import cpu_mode
 
     cpu_mode.enable_if_no_gpu()
     parallel_state.initialize_model_parallel(

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from instella_plugin.model.weight_map import hf_shapes
+from instella_plugin.model.weight_map import hf_from_megatron_shards, hf_shapes, iter_local_params
+from instella_plugin.training.model_setup import unwrap
 
 
 def random_hf_weights(cfg, seed=0):
@@ -70,9 +71,6 @@ def olmoe_grads(model, cfg):
 
 def gather_hf(chunks, cfg, attr):
     from megatron.core import parallel_state as ps
-
-    from instella_plugin.model.weight_map import hf_from_megatron_shards, iter_local_params
-    from instella_plugin.training.model_setup import unwrap
 
     tp = ps.get_tensor_model_parallel_world_size()
     out = {}

@@ -1,77 +1,33 @@
 """Checkpoints in megatron's distributed format, written atomically, with the model configuration inside.
 
-Layout of a save directory (Megatron-LM's convention)::
-
-    SAVE/latest_checkpointed_iteration.txt   tracker: the last complete iteration (written last)
-    SAVE/iter_0000100/                        megatron dist_checkpointing (torch_dist) directory
-    SAVE/iter_0000100/instella_meta.json      model config, spec, RoPE theta, contents, args
-
-A save goes to ``iter_N.partial`` and is renamed to ``iter_N`` once every rank has written; the
-tracker is replaced last. A crash at any point leaves the previous tracker naming a complete
-checkpoint. The sharded state holds the model (global keys, so it loads at any TP/PP/VPP), the
-optimizer (``fully_sharded_model_space``: any DP/TP/PP), per-rank RNG, and in its common part the
-scheduler, iteration and consumed samples. Weights-only checkpoints (converter, merge) list just
-``"model"`` in ``contents``.
+The directory layout, the metadata record and the tracker-last publish are ``checkpoint_layout``'s;
+this module writes and reads the tensors. A save goes to ``iter_N.partial`` and is renamed to
+``iter_N`` once every rank has written; the tracker is replaced last. A crash at any point leaves the
+previous tracker naming a complete checkpoint. The sharded state holds the model (global keys, so it
+loads at any TP/PP/VPP), the optimizer (``fully_sharded_model_space``: any DP/TP/PP), per-rank RNG,
+and in its common part the scheduler, iteration and consumed samples. Weights-only checkpoints
+(converter, merge) list just ``"model"`` in ``contents``.
 """
-import json
 import logging
+import multiprocessing
 import os
 import shutil
 from typing import List, Optional
 
 import torch
 
-from instella_plugin.training import checkpoint_check
+from instella_plugin.checkpoint_layout import (META, TRACKER, CheckpointError, CheckpointMeta, iteration_dir,
+                                               latest_iteration, publish, read_meta, resolve_checkpoint_dir)
+from instella_plugin.megatron_fixes import unshare_adam_steps
+from instella_plugin import checkpoint_check
 from instella_plugin.training.model_setup import unwrap
 
 log = logging.getLogger(__name__)
 
 # Optimizer state that reshards across DP, TP and PP (the distributed optimizer included).
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-TRACKER = "latest_checkpointed_iteration.txt"
-META = "instella_meta.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def iteration_dir(save_dir: str, iteration: int) -> str:
-    return os.path.join(save_dir, f"iter_{iteration:07d}")
-
-
-def latest_iteration(save_dir: str) -> Optional[int]:
-    """The iteration the tracker names, None when the directory holds no checkpoint at all."""
-    tracker = os.path.join(save_dir, TRACKER)
-    if not os.path.isfile(tracker):
-        return None
-    text = open(tracker, encoding="utf-8").read().strip()
-    try:
-        it = 0 if text == "release" else int(text)
-    except ValueError:
-        raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number; fix or remove the tracker")
-    path = iteration_dir(save_dir, it) if text != "release" else os.path.join(save_dir, "release")
-    if not os.path.isfile(os.path.join(path, "metadata.json")) or not os.path.isfile(os.path.join(path, META)):
-        raise CheckpointError(f"{tracker} names iteration {text}, but {path} is missing or incomplete "
-                              "(no metadata.json / instella_meta.json); point the tracker at a complete iteration")
-    return it
-
-
-def resolve_checkpoint_dir(path: str) -> str:
-    """An iteration directory from a save directory (via its tracker) or an iteration directory itself."""
-    if os.path.isfile(os.path.join(path, META)):
-        return path
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    it = latest_iteration(path)
-    if it is None:
-        raise CheckpointError(f"{path} holds no checkpoint (no {TRACKER})")
-    return iteration_dir(path, it)
-
-
-def read_meta(path: str) -> dict:
-    with open(os.path.join(resolve_checkpoint_dir(path), META), encoding="utf-8") as f:
-        return json.load(f)
+__all__ = ["META", "TRACKER", "CheckpointError", "iteration_dir", "latest_iteration", "read_meta",
+           "resolve_checkpoint_dir", "parallel_layout", "save_checkpoint", "load_checkpoint", "load_model_weights"]
 
 
 def _rank() -> int:
@@ -104,7 +60,8 @@ def _rng_sharded_object():
     return ShardedObject("rng_state", state, shape, offset, replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _layout() -> dict:
+def parallel_layout() -> dict:
+    """This run's parallel layout, as ``CheckpointMeta.layout`` records it."""
     from megatron.core import parallel_state as ps
 
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
@@ -143,25 +100,14 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: List[torch.nn.M
     dist_checkpointing.save(state, partial)
     _barrier()
     if os.environ.get("INSTELLA_CKPT_FAULT") == str(iteration):  # fault injection for the atomicity test
-        import multiprocessing
-
         log.error("INSTELLA_CKPT_FAULT=%s: exiting mid-save", iteration)
         for child in multiprocessing.active_children():  # the checkpoint writer's helpers
             child.kill()
         os._exit(17)
     if _rank() == 0:
-        meta = {"iteration": iteration, "consumed_samples": consumed_samples, "contents": contents,
-                "layout": _layout(), "model": cfg.to_dict() if cfg is not None else None}
-        meta.update(extra_meta or {})
-        with open(os.path.join(partial, META), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1, default=str)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        tmp = os.path.join(save_dir, TRACKER + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(save_dir, TRACKER))
+        publish(save_dir, CheckpointMeta(iteration, consumed_samples, tuple(contents), parallel_layout(),
+                                         cfg.to_dict() if cfg is not None else None, dict(extra_meta or {})),
+                staging=partial)
     _barrier()
     return final
 
@@ -206,16 +152,14 @@ def load_checkpoint(path: str, model_chunks, *, optimizer=None, scheduler=None, 
                                   "load it with --finetune or --no-load-optim")
         _initialize_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
-    rng = load_rng and "rng" in contents and meta.get("layout", {}).get("tp") == _layout()["tp"] \
-        and meta.get("layout", {}).get("pp") == _layout()["pp"]
+    saved, here = meta.get("layout") or {}, parallel_layout()
+    rng = load_rng and "rng" in contents and (saved.get("tp"), saved.get("pp")) == (here["tp"], here["pp"])
     if rng:
         state["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(state, ckpt)
     for i, m in enumerate(model_chunks):
         unwrap(m).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"], strict=True)
     if optimizer is not None:
-        from instella_plugin.megatron_fixes import unshare_adam_steps
-
         fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_steps(optimizer)

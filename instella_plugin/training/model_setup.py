@@ -3,6 +3,8 @@ from typing import List
 
 import torch
 
+from instella_plugin import kernels
+
 
 def wrap_ddp(chunks: List[torch.nn.Module], *, use_distributed_optimizer: bool = False,
              overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
@@ -63,7 +65,5 @@ def describe(chunks: List[torch.nn.Module], device_type: str = "cpu") -> str:
     text += "; layer: " + ", ".join(parts)
     modules = (layer.input_layernorm, att, mlp, getattr(att, "q_layernorm", None))
     if any(type(m).__module__.startswith("instella_plugin.kernels") for m in modules if m is not None):
-        from instella_plugin import kernels
-
         text += f"; fused kernels: {kernels.backend(device_type)}"
     return text

@@ -15,7 +15,8 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from instella_plugin import cpu_mode
 from instella_plugin.megatron_fixes import fix_distributed_optimizer_step_on_load
-from instella_plugin.training import checkpoint_check, checkpointing
+from instella_plugin import checkpoint_check
+from instella_plugin.training import checkpointing
 
 log = logging.getLogger(__name__)
 

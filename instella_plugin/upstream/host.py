@@ -24,11 +24,15 @@ import functools
 import os
 from typing import Optional, Sequence
 
-_HOST = None
+import torch
 
-
-def current_host() -> Optional["PluginHost"]:
-    return _HOST
+from instella_plugin import cpu_mode
+from instella_plugin.checkpoint_layout import META, CheckpointError, CheckpointMeta, publish, read_meta
+from instella_plugin.training.arguments import build_parser, explicit_dests
+from instella_plugin.training.checkpointing import parallel_layout
+from instella_plugin.training.plugins import load_plugin
+from instella_plugin.training.run_config import build_run_config
+from instella_plugin.upstream import cpu, registry, runtime
 
 
 def _peek(argv: Sequence[str], flag: str, default=None):
@@ -88,9 +92,6 @@ class PluginHost:
     """Adapter between Megatron-LM's training entry and one plugin object."""
 
     def __init__(self, argv: Sequence[str]):
-        global _HOST
-        from instella_plugin.training.plugins import load_plugin
-
         self.argv = list(argv)
         self.name = _peek(self.argv, "--plugin")
         if not self.name:
@@ -104,19 +105,15 @@ class PluginHost:
         self._chunks = None
         self._theta = {}
         self.cpu = self._start_cpu_mode()
-        _HOST = self
+        runtime.install_host(self)
 
     # ---- CPU mode ---------------------------------------------------------------------------------
     def _start_cpu_mode(self) -> bool:
         """Before Megatron-LM's training code is imported: the CPU mode, when asked for or without a GPU."""
-        from instella_plugin import cpu_mode
-
         if self.device == "cuda" or (self.device == "auto" and cpu_mode.gpu_available()):
             if self.device == "cuda" and not cpu_mode.gpu_available():
                 raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu or auto")
             return False
-        from instella_plugin.upstream import cpu
-
         cpu_mode.enable(force=self.device == "cpu")
         cpu.before_import()
         return True
@@ -124,8 +121,6 @@ class PluginHost:
     # ---- what pretrain_gpt.py takes ---------------------------------------------------------------
     def hooks(self, *, datasets, builder, forward_step, extra_args_provider):
         """The four entry points of upstream ``pretrain_gpt.py``, with the plugin's in place."""
-        from instella_plugin.upstream import cpu, runtime, registry  # noqa: F401  (registering)
-
         registry.apply(phase="startup")
         if self.cpu:
             registry.apply(phase="cpu")
@@ -153,17 +148,13 @@ class PluginHost:
         """The plugin's run config from Megatron-LM's parsed args (before its ``validate_args``), then the
         Megatron-LM settings that config implies written back to Megatron-LM's namespace, which its
         loop reads."""
-        from instella_plugin.training.arguments import explicit_dests
-
         if self.parser is None:
             raise RuntimeError("PluginHost.finalize before the extra-arguments provider ran")
         explicit = explicit_dests(self.parser, self.argv)
         if getattr(args, "use_legacy_models", False):
             raise SystemExit("error: --use-legacy-models with --plugin: plugins build megatron-core models")
         if self.cpu:
-            from instella_plugin.upstream.cpu import cpu_safe_args
-
-            for key, value in cpu_safe_args().items():
+            for key, value in cpu.cpu_safe_args().items():
                 if key in explicit and getattr(args, key) != value:
                     raise SystemExit(f"error: --{key.replace('_', '-')} {getattr(args, key)} in the CPU mode, which "
                                      f"needs {value}; drop the flag or run on a GPU")
@@ -182,23 +173,19 @@ class PluginHost:
         """The plugin's resume checks (RoPE theta, model shape), as our trainer runs them, against the
         ``instella_meta.json`` of the checkpoint ``--load`` names, when it has one (ours do, and
         Megatron-LM's written through this host); before Megatron-LM builds or loads anything."""
-        from instella_plugin.training import checkpointing
-
         if not args.load:
             return
         try:
-            meta = checkpointing.read_meta(checkpointing.resolve_checkpoint_dir(args.load))
-        except (checkpointing.CheckpointError, FileNotFoundError):
+            meta = read_meta(args.load)
+        except (CheckpointError, FileNotFoundError):
             return  # no checkpoint yet, or none with our metadata: nothing to check here
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --load {args.load}: unreadable {checkpointing.META}: {e}")
+            raise SystemExit(f"error: --load {args.load}: unreadable {META}: {e}")
         self.plugin.check_resume(self.run, meta)
 
     def _allow_plugin_types_in_checkpoints(self, args) -> None:
         """Megatron-LM pickles ``args`` into every checkpoint and loads it with ``weights_only``; the
         plugin's own value types there (e.g. a RoPE schedule) join torch's safe globals."""
-        import torch
-
         root = type(self.plugin).__module__.split(".")[0]
         found, todo = set(), list(vars(args).values())
         while todo:
@@ -215,8 +202,6 @@ class PluginHost:
 
     def transformer_config(self, args):
         """The plugin's TransformerConfig, with the fields Megatron-LM's loop sets from its own flags."""
-        import torch
-
         dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
         return self.cfg.transformer_config(
             tensor_parallel=args.tensor_model_parallel_size, pipeline_parallel=args.pipeline_model_parallel_size,
@@ -292,34 +277,23 @@ class PluginHost:
         return next(iter(self._theta.values()), None)
 
     def write_checkpoint_meta(self, iteration: int, release: bool = False) -> Optional[str]:
-        """``instella_meta.json`` in the iteration directory upstream just wrote (rank 0; atomic)."""
-        import json
-
-        import torch
-        from megatron.core import parallel_state as ps
+        """``instella_meta.json`` in the iteration directory upstream just wrote, then the tracker again
+        (rank 0; ``checkpoint_layout.publish``)."""
         from megatron.training import get_args
-
-        from instella_plugin.training.checkpointing import META, iteration_dir
 
         args = get_args()
         if getattr(args, "async_save", False) or torch.distributed.get_rank() != 0:
             return None  # an async save completes later; its directory may not exist yet
-        folder = os.path.join(args.save, "release") if release else iteration_dir(args.save, iteration)
-        if not os.path.isdir(folder):
-            return None
-        meta = {"iteration": int(iteration), "consumed_samples": int(getattr(args, "consumed_train_samples", 0)),
-                "contents": ["model"],  # optimizer and RNG state are in Megatron-LM's layout, not ours
-                "layout": {"tp": ps.get_tensor_model_parallel_world_size(),
-                           "pp": ps.get_pipeline_model_parallel_world_size(),
-                           "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
-                           "dp": ps.get_data_parallel_world_size(), "cp": ps.get_context_parallel_world_size()},
-                "model": self.cfg.to_dict(), "host": "megatron-lm"}
-        meta.update(self.plugin.checkpoint_meta(self.run, iteration))
-        path = os.path.join(folder, META)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
-        return path
+        meta = CheckpointMeta(
+            int(iteration), int(getattr(args, "consumed_train_samples", 0)),
+            contents=("model",),  # optimizer and RNG state are in Megatron-LM's layout, not ours
+            layout=parallel_layout(), model=self.cfg.to_dict(),
+            extra={"host": "megatron-lm", **self.plugin.checkpoint_meta(self.run, iteration)})
+        try:
+            folder = publish(args.save, meta, release=release)
+        except CheckpointError:
+            return None  # upstream wrote no directory (nothing persistent was saved)
+        return os.path.join(folder, META)
 
     def log_path(self, args) -> Optional[str]:
         return os.path.join(args.save, "train_log.jsonl") if getattr(args, "save", None) else None
@@ -331,9 +305,6 @@ def run_config_from_megatron_args(args, explicit, plugin):
     Our trainer's flags take Megatron-LM's names, so each takes the value of Megatron-LM's flag of the
     same name; the few Megatron-LM lacks keep our defaults. Megatron-LM's ``--cp-comm-type`` is a list
     (one type per layer); the plugin takes one type, and the local backend's only one is a2a."""
-    from instella_plugin.training.arguments import build_parser
-    from instella_plugin.training.run_config import build_run_config
-
     ours = vars(build_parser(plugin).parse_args([]))
     values = {k: getattr(args, k) for k in ours if hasattr(args, k)}
     cp_types = list(args.cp_comm_type) if isinstance(args.cp_comm_type, (list, tuple)) else [args.cp_comm_type]

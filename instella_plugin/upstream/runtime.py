@@ -32,8 +32,19 @@ import subprocess
 import sys
 import sysconfig
 
-from instella_plugin.upstream.host import current_host
 from instella_plugin.upstream.registry import register_patch
+
+_HOST = None
+
+
+def install_host(host) -> None:
+    """Make ``host`` (a ``PluginHost``) the one the patches below consult; none acts without one."""
+    global _HOST
+    _HOST = host
+
+
+def current_host():
+    return _HOST
 
 
 @register_patch("plugin_finalize_args", "megatron.training.initialize", "validate_args",

@@ -12,26 +12,20 @@ naming the file, the iteration, the other iterations of the save directory that 
 and the flag that loads the newest of them. It reads nothing of the tensors' values: a shard damaged
 in the middle of an item passes (torch stores no checksums).
 
-This module only reads; which directory the tracker names is the checkpoint layout's business.
+This module only reads; names and which directory the tracker names are ``checkpoint_layout``'s. No torch.
 """
 import os
 import pickle
-import re
 from typing import List, Optional
 
-ITERATION_DIR = re.compile(r"^iter_(\d+)$")
-TRACKER = "latest_checkpointed_iteration.txt"  # megatron's tracker name (as in checkpointing.TRACKER)
-REQUIRED = ("metadata.json", ".metadata", "common.pt")
+from instella_plugin.checkpoint_layout import DIST_METADATA, TRACKER, iteration_dir, list_iterations, parse_iteration_dir
+
+REQUIRED = (DIST_METADATA, ".metadata", "common.pt")
 _ZIP_HEAD, _ZIP_END, _ZIP_END_LEN = b"PK\x03\x04", b"PK\x05\x06", 22
 
 
 class UnreadableCheckpoint(ValueError):
     """A checkpoint iteration with a missing, truncated or damaged file."""
-
-
-def iteration_of(it_dir: str) -> Optional[int]:
-    m = ITERATION_DIR.match(os.path.basename(os.path.normpath(it_dir)))
-    return int(m.group(1)) if m else None
 
 
 def problems(it_dir: str) -> List[str]:
@@ -88,17 +82,12 @@ def _bad_item(path: str, items, kinds) -> Optional[str]:
 
 def intact_iterations(save_dir: str, exclude: Optional[str] = None) -> List[int]:
     """Iterations of ``save_dir`` (``iter_N`` directories) that pass ``problems``, ascending."""
-    if not os.path.isdir(save_dir):
-        return []
     out = []
-    for name in os.listdir(save_dir):
-        path = os.path.join(save_dir, name)
-        it = iteration_of(path)
-        if it is None or not os.path.isdir(path) or (exclude and os.path.samefile(path, exclude)):
-            continue
-        if not problems(path):
+    for it in list_iterations(save_dir):
+        path = iteration_dir(save_dir, it)
+        if not (exclude and os.path.samefile(path, exclude)) and not problems(path):
             out.append(it)
-    return sorted(out)
+    return out
 
 
 def check_readable(it_dir: str, flag: str = "--load") -> None:
@@ -110,7 +99,7 @@ def check_readable(it_dir: str, flag: str = "--load") -> None:
 
 
 def describe(it_dir: str, found: List[str], flag: str) -> str:
-    it = iteration_of(it_dir)
+    it = parse_iteration_dir(it_dir)
     save_dir = os.path.dirname(os.path.abspath(os.path.normpath(it_dir)))
     what = f"checkpoint iteration {it} ({it_dir})" if it is not None else f"checkpoint {it_dir}"
     lines = [f"{what} cannot be read:"] + [f"  - {p}" for p in found]
@@ -120,7 +109,7 @@ def describe(it_dir: str, found: List[str], flag: str) -> str:
     if not intact:
         return "\n".join(lines + [f"  no other iteration in {save_dir} looks complete; save the checkpoint again"])
     newest = max(intact)
-    newest_dir = next(os.path.join(save_dir, n) for n in sorted(os.listdir(save_dir)) if iteration_of(n) == newest)
+    newest_dir = iteration_dir(save_dir, newest)
     lines.append(f"  iterations in {save_dir} that look complete: {', '.join(map(str, intact))}")
     lines.append(f"  to load the newest of them: {flag} {newest_dir}")
     if flag == "--load":
