@@ -4,6 +4,7 @@ Loaded by ``--plugin instella`` through the ``megatron_plugins`` entry-point gro
 serves upstream Megatron-LM through ``patches/``). Precedence of settings: explicit flags, then the
 recipe (``--instella-recipe``), then the model preset, then Megatron's defaults.
 """
+import argparse
 import math
 import os
 
@@ -59,6 +60,8 @@ class InstellaPlugin(GPTPlugin):
         g.add_argument("--rope-schedule", help="constant:THETA | geometric:THETA0:THETA1:START:END | stepwise")
         g.add_argument("--override-rope-theta", action="store_true",
                        help="accept a RoPE theta that differs from the checkpoint's on resume")
+        g.add_argument("--fused-output-loss", action=argparse.BooleanOptionalAction, default=True,
+                       help="output layer + cross-entropy chunked over tokens, never holding the whole logits")
         g.add_argument("--packed-documents", action="store_true",
                        help="mask attention between the documents of a packed sequence (positions run on)")
 
@@ -168,7 +171,8 @@ class InstellaPlugin(GPTPlugin):
     def build_model(self, args, cfg, transformer_config):
         from instella_plugin.model.build import build_gpt_chunks
 
-        return build_gpt_chunks(cfg, transformer_config, self.spec_name(args), init_seed=args.seed)
+        return build_gpt_chunks(cfg, transformer_config, self.spec_name(args), init_seed=args.seed,
+                                fused_output_loss=getattr(args, "fused_output_loss", False))
 
     # ---- data ----------------------------------------------------------------------------------------
     def build_datasets(self, args, cfg, num_samples):
