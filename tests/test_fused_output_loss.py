@@ -11,11 +11,11 @@ per-token weights (DPO-like), with and without precomputation in the forward pas
 import pytest
 import torch
 
-from instella_plugin.model.fused_output_loss import chunk_tokens_for, fused_linear_cross_entropy
+from instella_plugin.model.fused_output_loss import chunk_tokens_for, even_chunk, fused_linear_cross_entropy
 from instella_plugin.testing.distributed import run_distributed
 
 S, B, H, V = 12, 2, 16, 96  # sequence, micro-batch, hidden, vocabulary (divisible by 2)
-CHUNK = 5  # tokens a chunk: chunks straddle sequence and batch boundaries, the last one short
+CHUNK = 5  # at most 5 tokens a chunk (24 tokens: 5 chunks, the last of 4): chunks straddle sequence and batch rows
 
 
 def _reference(hidden, weight, labels):
@@ -61,7 +61,8 @@ def test_bf16_error_within_twice_pytorch():
 
 
 def test_chunk_size_and_bad_shapes():
-    assert chunk_tokens_for(50304, "cpu") == 320 and chunk_tokens_for(10, "cpu") % 64 == 0
+    assert chunk_tokens_for(50304, "cpu") == 640 and chunk_tokens_for(10, "cpu") % 64 == 0
+    assert even_chunk(2048, 640) == 512 and even_chunk(24, 5) == 5 and even_chunk(26, 5) == 5 and even_chunk(10, 64) == 10
     with pytest.raises(ValueError, match="must be"):
         fused_linear_cross_entropy(torch.zeros(4, 8), torch.zeros(10, 6), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):

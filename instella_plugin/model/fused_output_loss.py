@@ -33,14 +33,22 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-# Bytes of fp32 logits one chunk may hold (the chunk's token count follows from V/TP).
-DEFAULT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+# Bytes of fp32 logits one chunk may hold (the chunk's token count follows from V/TP). Smaller chunks
+# save memory but make the matmuls less efficient (on two CPU cores: +16% time for the logits matmul
+# at 320 tokens a chunk, +7% at 1024, measured at hidden 1024).
+DEFAULT_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
 
 
 def chunk_tokens_for(vocab_local: int, device_type: str, chunk_bytes: Optional[int] = None) -> int:
-    """Tokens per chunk: ``chunk_bytes`` of fp32 logits, a multiple of 64 tokens (at least 64)."""
+    """Most tokens a chunk may hold: ``chunk_bytes`` of fp32 logits, a multiple of 64 tokens (at least 64)."""
     budget = chunk_bytes or DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
     return max(64, budget // (4 * vocab_local) // 64 * 64)
+
+
+def even_chunk(n: int, most: int) -> int:
+    """Tokens a chunk so that ``n`` tokens split into equal chunks of at most ``most`` (no short last one)."""
+    pieces = -(-n // most)
+    return -(-n // pieces)
 
 
 def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
@@ -112,13 +120,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dh = torch.zeros_like(hidden)
         # The weight gradient: c * (precomputed, uniform g) + rows where g differs from c, recomputed.
         c = 0.0
-        if need_w:
+        if need_w and ctx.precomputed[1]:
+            values, counts = torch.unique(g, return_counts=True)
+            c = float(values[counts.argmax()])
+            dw = grad_weight.mul_(c) if c != 0.0 else grad_weight.zero_()  # in place: the buffer becomes the gradient
+            grad_weight = None
+        elif need_w:
             dw = torch.zeros(weight.shape, dtype=g.dtype, device=weight.device)
-            if ctx.precomputed[1]:
-                values, counts = torch.unique(g, return_counts=True)
-                c = float(values[counts.argmax()])
-                if c != 0.0:
-                    dw.add_(grad_weight, alpha=c)
         redo = torch.nonzero(g != c).squeeze(-1)
         redo_h = need_h and not ctx.precomputed[0]
         if redo.numel() and (need_w or redo_h):
@@ -167,7 +175,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError(f"fused_linear_cross_entropy: labels {tuple(labels.shape)} must be [{hidden.shape[0]}]")
     if group is not None and dist.get_world_size(group) == 1:
         group = None
-    chunk = chunk_tokens or chunk_tokens_for(weight.shape[0], hidden.device.type)
+    chunk = even_chunk(hidden.shape[0], chunk_tokens or chunk_tokens_for(weight.shape[0], hidden.device.type))
     if precompute is None:
         precompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(hidden.contiguous(), weight, labels.contiguous(), group, chunk, precompute)
