@@ -172,7 +172,7 @@ class InstellaPlugin(GPTPlugin):
         from instella_plugin.model.build import build_gpt_chunks
 
         return build_gpt_chunks(cfg, transformer_config, self.spec_name(args), init_seed=args.seed,
-                                fused_output_loss=getattr(args, "fused_output_loss", False))
+                                fused_output_loss=getattr(args, "fused_output_loss", True))
 
     # ---- data ----------------------------------------------------------------------------------------
     def build_datasets(self, args, cfg, num_samples):

@@ -8,7 +8,7 @@ from instella_plugin.model.specs import check_spec_name, get_spec
 
 
 def build_gpt_chunks(cfg: InstellaConfig, transformer_config, spec_name: str = "instella",
-                     init_seed: Optional[int] = 1234, fused_output_loss: bool = False) -> List[torch.nn.Module]:
+                     init_seed: Optional[int] = 1234, fused_output_loss: bool = True) -> List[torch.nn.Module]:
     """megatron GPTModel chunks for this rank (after ``initialize_model_parallel``).
 
     ``init_seed=None`` leaves the weights uninitialised (a checkpoint will be loaded).
