@@ -218,5 +218,8 @@ class FusedOutputLossGPTModel(GPTModel):
                 and self.embedding_activation_buffer is None and not self.config.cross_entropy_loss_fusion)
 
     def output_description(self) -> str:
-        chunk = self.output_chunk_tokens or "auto"
-        return f"fused linear+cross-entropy ({chunk} tokens a chunk)"
+        """For the trainer's ``model:`` line."""
+        weight = self.output_layer.weight
+        most = self.output_chunk_tokens or chunk_tokens_for(self.output_layer.output_size_per_partition,
+                                                            weight.device.type if weight is not None else "cpu")
+        return f"fused linear + cross-entropy (--fused-output-loss, chunks of <= {most} tokens)"
