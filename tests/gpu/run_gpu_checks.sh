@@ -160,8 +160,8 @@ done
 # bf16: megatron's linear + vocab-parallel cross-entropy vs the fused path (--fused-output-loss),
 # time and peak memory; PASS when the fused peak is lower by at least the logits.
 if [[ $DRY -eq 1 ]]; then
-  check output-loss 240 30 "$PY" bench/bench_output_loss.py --part op --device cpu --reps 1 --seq 256 \
-    --out "$WORK/output_loss.json"
+  check output-loss 240 30 "$PY" bench/bench_output_loss.py --part op --device cpu --reps 1 \
+    --chunks 256 --out "$WORK/output_loss.json"
 elif (( NGPU >= 1 )); then
   check output-loss 180 40 "$PY" bench/bench_output_loss.py --part op --device cuda --dtype bf16 --mbs 4 \
     --seq 4096 --hidden 2560 --reps 3 --out "$WORK/output_loss.json"
