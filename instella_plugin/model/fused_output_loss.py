@@ -18,6 +18,13 @@ other row, recomputed from the stored row max and sum-exp (no communication). A 
 costs nothing more; masked rows cost a recomputation proportional to their number; a mostly masked
 batch (``c = 0``) recomputes only the rows that count.
 
+Memory: megatron's loss turns the fp32 logits into their gradient in place (one [N, V/TP] buffer),
+plus the transient weight gradient in backward. This path holds one chunk of logits and, with
+precomputation, an fp32 [V/TP, h] weight-gradient buffer from the end of the forward pass (when every
+activation is alive) through the output layer's backward, where it becomes the returned gradient in
+place. ``precompute=False`` drops that buffer from the forward pass at the cost of one more matmul.
+Saving more would take accumulating straight into megatron's ``main_grad`` (not done).
+
 ``FusedOutputLossGPTModel`` is megatron's ``GPTModel`` with this path when labels are given: it
 returns the same per-token losses [b, s]; with no labels (evaluation, generation), inference,
 multi-token prediction or deferred embedding weight-gradients it runs megatron's own post-processing
