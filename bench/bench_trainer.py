@@ -2,8 +2,10 @@
 model, megatron's stock QK-norm GPT, and a plain PyTorch loop.
 
 Shape (the trainer issue's): hidden 1024, 8 layers, 16 heads of 64, SwiGLU FFN 2816, sequence 1024,
-micro-batch 2 (global batch 2), vocabulary 1024 (so the transformer layers, not the output layer,
-dominate), fp32, mock data. Variants, all built and stepped inside one process per TP size:
+micro-batch 2 (global batch 2), vocabularies 1024 (so the transformer layers, not the output layer,
+dominate) and Instella's 50304 (where the output layer and the loss weigh: ``instella`` runs the fused
+output layer + loss, ``--fused-output-loss``, its default), fp32, mock data. Variants, all built and
+stepped inside one process per TP size:
 
 - ``instella``: ``pretrain_gpt.py --plugin instella`` with explicit model flags: pre-norm RMSNorm,
   full-width QK-norm before RoPE (its sum of squares all-reduced over TP), untied embeddings.
@@ -34,7 +36,8 @@ each (the trainer's own thread split).
 
 Appends to bench/results/trainer.json and plots bench/results/trainer.png.
 
-    python bench/bench_trainer.py                      # TP 1 and 2, 2 timed steps per variant
+    python bench/bench_trainer.py                      # TP 1 and 2, vocab 1024 and 50304, 2 timed steps each
+    python bench/bench_trainer.py --tp 1 --vocab 50304 --reps 3   # Instella's vocabulary only
     python bench/bench_trainer.py --tp 1 --reps 4      # more repetitions
     python bench/bench_trainer.py --layers 2           # quicker, same per-layer ratios
     python bench/bench_trainer.py --tp 1 --hf-attn sdpa eager   # attribute a gap to attention
@@ -267,7 +270,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--mbs", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[1024, 50304],
+                    help="vocabulary sizes, one run each (50304: Instella's, where the output layer weighs)")
     ap.add_argument("--hf-attn", nargs="*", default=["sdpa"], choices=["sdpa", "eager"],
                     help="attention of the plain PyTorch loop(s) at TP=1 (none: skip it); the first is baseline (b)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "trainer.json"))
@@ -276,13 +280,20 @@ def main(argv=None) -> int:
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
+        a.vocab = a.vocab[0]
         worker(a)
         return 0
     for tp in a.tp:
-        if a.heads % tp or a.ffn % tp or a.vocab % tp:
+        if a.heads % tp or a.ffn % tp or any(v % tp for v in a.vocab):
             ap.error(f"TP {tp} must divide --heads {a.heads}, --ffn {a.ffn} and --vocab {a.vocab}")
     if a.reps < 1 or a.warmup < 0:
         ap.error("--reps must be >= 1 and --warmup >= 0")
+    for vocab in a.vocab:  # one record (and plot) per vocabulary size
+        run_shape(argparse.Namespace(**{**vars(a), "vocab": vocab}))
+    return 0
+
+
+def run_shape(a) -> None:
     load0, t0 = os.getloadavg()[0], time.time()
     print(f"shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads of {a.hidden // a.heads}, ffn {a.ffn}, "
           f"seq {a.seq}, micro-batch {a.mbs}, vocab {a.vocab}; {a.warmup} warm-up + {a.reps} timed steps per variant; "
@@ -327,10 +338,9 @@ def main(argv=None) -> int:
         record["tp"][str(tp)] = entry
     print(f"load average {load0:.1f} -> {load1:.1f}; total {record['wall_s']:.0f} s")
     _append(a.out, record)
-    png = os.path.splitext(a.out)[0] + ".png"
+    png = os.path.splitext(a.out)[0] + (".png" if a.vocab == 1024 else f"_vocab{a.vocab}.png")
     plot(record, png)
     print(f"results appended to {a.out}; plot {png}")
-    return 0
 
 
 def _append(path: str, record: dict) -> None:

@@ -5,6 +5,7 @@ serves upstream Megatron-LM through ``patches/``). Precedence of settings: expli
 recipe (``--instella-recipe``), then the model preset, then Megatron's defaults. Every hook returns
 values; the frozen run configuration (``training/run_config.py``) is built from them.
 """
+import argparse
 import dataclasses
 import math
 
@@ -59,6 +60,8 @@ class InstellaPlugin(GPTPlugin):
         g.add_argument("--rope-schedule", help="constant:THETA | geometric:THETA0:THETA1:START:END | stepwise")
         g.add_argument("--override-rope-theta", action="store_true",
                        help="accept a RoPE theta that differs from the checkpoint's on resume")
+        g.add_argument("--fused-output-loss", action=argparse.BooleanOptionalAction, default=True,
+                       help="output layer + cross-entropy chunked over tokens, never holding the whole logits")
         g.add_argument("--packed-documents", action="store_true",
                        help="mask attention between the documents of a packed sequence (positions run on)")
 
@@ -149,7 +152,8 @@ class InstellaPlugin(GPTPlugin):
         return "instella-te" if run.flags.transformer_impl == "transformer_engine" else "instella"
 
     def build_model(self, run, transformer_config):
-        return build_gpt_chunks(run.model, transformer_config, self.spec_name(run), init_seed=run.flags.seed)
+        return build_gpt_chunks(run.model, transformer_config, self.spec_name(run), init_seed=run.flags.seed,
+                                fused_output_loss=run.flags.fused_output_loss)
 
     # ---- data ----------------------------------------------------------------------------------------
     def build_datasets(self, run, num_samples):

@@ -13,22 +13,24 @@ from megatron.core.tensor_parallel.layers import (
 )
 
 from instella_plugin.model.config import InstellaConfig
+from instella_plugin.model.fused_output_loss import FusedOutputLossGPTModel
 from instella_plugin.model.init import initialize_model
 from instella_plugin.model.specs import check_spec_name, get_spec
 
 
 def build_gpt_chunks(cfg: InstellaConfig, transformer_config, spec_name: str = "instella",
-                     init_seed: Optional[int] = 1234) -> List[torch.nn.Module]:
+                     init_seed: Optional[int] = 1234, fused_output_loss: bool = True) -> List[torch.nn.Module]:
     """megatron GPTModel chunks for this rank (after ``initialize_model_parallel``).
 
     ``init_seed=None`` leaves the weights uninitialised (a checkpoint will be loaded).
+    ``fused_output_loss``: the labelled forward runs the chunked output layer + loss (fused_output_loss.py).
     """
     check_spec_name(spec_name)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        model = GPTModel(
+        model = (FusedOutputLossGPTModel if fused_output_loss else GPTModel)(
             config=transformer_config,
             transformer_layer_spec=get_spec(spec_name, transformer_config, vp_stage=stage),
             vocab_size=cfg.padded_vocab_size,

@@ -50,6 +50,9 @@ def describe(chunks: List[torch.nn.Module], device_type: str = "cpu") -> str:
     chunks = [unwrap(c) for c in chunks]
     params = sum(p.numel() for c in chunks for p in c.parameters())
     text = f"model: {len(chunks)} chunk(s), {params:,} parameters on this rank"
+    if getattr(chunks[-1], "post_process", False):
+        describe_output = getattr(chunks[-1], "output_description", None)
+        text += f"; output {describe_output() if describe_output else 'megatron linear + vocab-parallel cross-entropy'}"
     layers = [layer for c in chunks for layer in getattr(getattr(c, "decoder", None), "layers", [])]
     if not layers:
         return text

@@ -24,6 +24,8 @@
 #   train       20 steps of pretrain_gpt.py --plugin instella --bf16 --mock-data with NCCL:
 #               instella-tiny and instella-1b at TP=1, and at TP=2 where 2 GPUs exist; prints
 #               tokens/s, TFLOP/s per device and MFU (parsed from the trainer's log)
+#   output-loss bench/bench_output_loss.py --part op: output layer + loss at vocab 50304, 4 x 4096
+#               tokens, hidden 2560, bf16: megatron's path vs the fused one, time and peak memory
 #   kernels     tests/gpu/check_kernels.py (builds and checks the fused kernels), if present
 #   train fused the tiny preset at TP=1 again with --spec instella-fused (fails unless the kernels
 #               run natively)
@@ -51,7 +53,7 @@ while [[ $# -gt 0 ]]; do
     --no-kernels) KERNELS=0 ;;
     --budget) BUDGET="$2"; shift ;;
     --steps) STEPS="$2"; shift ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -153,6 +155,17 @@ for tp in 1 2; do
       --steps "$STEPS" --timeout "$limit" "${DRYFLAG[@]}"
   done
 done
+
+# The output layer + loss at Instella's vocabulary and the 3B recipe's micro-batch (4 x 4096 tokens),
+# bf16: megatron's linear + vocab-parallel cross-entropy vs the fused path (--fused-output-loss),
+# time and peak memory; PASS when the fused peak is lower by at least the logits.
+if [[ $DRY -eq 1 ]]; then
+  check output-loss 240 30 "$PY" bench/bench_output_loss.py --part op --device cpu --reps 1 \
+    --chunks 256 --out "$WORK/output_loss.json"
+elif (( NGPU >= 1 )); then
+  check output-loss 180 40 "$PY" bench/bench_output_loss.py --part op --device cuda --dtype bf16 --mbs 4 \
+    --seq 4096 --hidden 2560 --reps 3 --out "$WORK/output_loss.json"
+fi
 
 if [[ ! -f tests/gpu/check_kernels.py ]]; then
   record SKIP kernels "tests/gpu/check_kernels.py is not in this checkout"
