@@ -34,6 +34,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+from bench_trainer import add_shape_args  # noqa: E402  (the benchmarks share the shape flags)
+
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
@@ -137,10 +139,8 @@ def op_part(a) -> dict:
 def step_part(a) -> dict:
     """One trainer step with and without the fused path: per-phase time and peak memory."""
     from bench_trainer import MegatronVariant, trainer_argv
-    from megatron.core import parallel_state as ps
 
     from instella_plugin.training.arguments import parse_args
-    from instella_plugin.training.datasets import microbatches
     from instella_plugin.training.forward_step import run_forward_backward
     from instella_plugin.training.setup import initialize_distributed
     from instella_plugin.testing.distributed import free_port
@@ -153,27 +153,25 @@ def step_part(a) -> dict:
     out = {}
     for flag in ("--no-fused-output-loss", "--fused-output-loss"):
         v = MegatronVariant(base + [flag], device)
-        args = v.args
+        t = v.trainer
 
-        def fwd_bwd():
-            for m in v.model:
+        def fwd_bwd(t=t, v=v):  # bound now: both names are deleted below, to free the model
+            for m in t.model:
                 m.zero_grad_buffer()
-            batches = [v.plugin.batch_hook(args, bt) for bt in microbatches(
-                v.train_ds, 0, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
-                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), device=device)]
-            run_forward_backward(v.model, batches, seq_length=v.cfg.seq_length,
-                                 micro_batch_size=args.micro_batch_size, num_microbatches=len(batches))
+            run_forward_backward(t.model, t.batches(v.train_ds, 0), seq_length=t.run.model.seq_length,
+                                 micro_batch_size=t.run.layout.micro_batch_size,
+                                 num_microbatches=t.run.layout.num_microbatches)
 
         fwd_bwd()  # warm-up (and the optimizer's state)
-        v.optimizer.step()
+        t.optimizer.step()
         t_fb, c_fb, peak = measure(fwd_bwd, a.reps)
-        t_opt, c_opt, _ = measure(v.optimizer.step, 1)
+        t_opt, c_opt, _ = measure(t.optimizer.step, 1)
         out[flag] = {"forward_backward_s": t_fb, "forward_backward_cpu_s": c_fb, "optimizer_s": t_opt,
                      "optimizer_cpu_s": c_opt, "peak_mib": peak}
         print(f"  {flag:<24} forward-backward {t_fb:7.2f} s (CPU {c_fb:7.2f} s)  optimizer {t_opt:5.2f} s "
               f"(CPU {c_opt:5.2f} s)  peak +{peak:7.0f} MiB", flush=True)
         v_ds = v.train_ds
-        del v
+        del v, t, fwd_bwd
     if a.hf:
         out["plain loop"] = _hf_phases(a, v_ds, measure)
     saved = out["--no-fused-output-loss"]["peak_mib"] - out["--fused-output-loss"]["peak_mib"]
@@ -221,12 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, nargs="*", help="fused chunk sizes in tokens (default: the automatic one)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="op part: where it runs")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="op part: hidden and weight dtype")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--ffn", type=int, default=2816)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--mbs", type=int, default=2)
+    add_shape_args(ap)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="step part: skip the plain PyTorch loop")
     ap.add_argument("--out", default=os.path.join(RESULTS, "output_loss.json"))

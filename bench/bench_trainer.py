@@ -259,17 +259,22 @@ def summarize(raw: dict, a) -> dict:
     return res
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--reps", type=int, default=2, help="timed steps per variant (after the warm-up)")
-    ap.add_argument("--warmup", type=int, default=1)
+def add_shape_args(ap) -> None:
+    """The model and batch shape flags (the output-loss benchmark takes the same)."""
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--mbs", type=int, default=2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=2, help="timed steps per variant (after the warm-up)")
+    ap.add_argument("--warmup", type=int, default=1)
+    add_shape_args(ap)
     ap.add_argument("--vocab", type=int, nargs="+", default=[1024, 50304],
                     help="vocabulary sizes, one run each (50304: Instella's, where the output layer weighs)")
     ap.add_argument("--hf-attn", nargs="*", default=["sdpa"], choices=["sdpa", "eager"],

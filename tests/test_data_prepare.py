@@ -3,9 +3,6 @@ worker counts, crash safety, input formats, sentence splitting and bad input."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +10,7 @@ import pytest
 from instella_plugin.data.indexed import IndexedDataError, check_pair, read_documents
 from instella_plugin.data.prepare import prepare
 from instella_plugin.data.tokenizer import EOS_ID, load_tokenizer
+from instella_plugin.testing.killed_prepare import kill_prepare_mid_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,31 +77,8 @@ def test_parquet_arrow_and_hf_cache_inputs_match_jsonl(tmp_path, tok, monkeypatc
 def test_kill_mid_run_leaves_no_idx_and_rerun_completes(tmp_path, tok):
     """The input is a FIFO the test holds open, so the kill surely lands while prepare is writing."""
     docs = _docs(3000, seed=2)
-    fifo, prefix = str(tmp_path / "stream.jsonl"), str(tmp_path / "out")
-    os.mkfifo(fifo)
-    cmd = [sys.executable, "-m", "instella_plugin.cli", "data", "prepare", fifo, "--output-prefix", prefix, "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    fd = None
-    try:
-        while fd is None:  # opening a FIFO's write end fails until the reader has it open
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.time() < deadline
-                time.sleep(0.05)
-        os.set_blocking(fd, True)
-        os.write(fd, "".join(json.dumps({"text": d}) + "\n" for d in docs[:2000]).encode())
-        while not (os.path.exists(prefix + ".bin.partial") and os.path.getsize(prefix + ".bin.partial") > 0):
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.02)
-        assert proc.poll() is None  # still waiting for the rest of the input
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if fd is not None:
-            os.close(fd)
+    prefix = str(tmp_path / "out")
+    assert kill_prepare_mid_write(docs[:2000], prefix, str(tmp_path / "stream.jsonl")) == -signal.SIGKILL
     assert os.path.getsize(prefix + ".bin.partial") > 0
     assert not os.path.exists(prefix + ".idx") and not os.path.exists(prefix + ".bin")
     src = _jsonl(tmp_path / "all.jsonl", docs)

@@ -12,15 +12,13 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import yaml
 
 from instella_plugin.cli import main as instella
+from instella_plugin.testing.killed_prepare import kill_prepare_mid_write
 from instella_plugin.testing.trainer import TINY_MODEL, run_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,34 +92,13 @@ def test_prepare_onto_a_good_pair_needs_overwrite_and_a_failed_one_keeps_it(tmp_
 def test_kill_9_during_prepare_onto_a_good_pair_leaves_it_byte_identical(tmp_path, good_pair):
     """The input is a FIFO the test holds open, so the kill surely lands while the new pair is written."""
     before = digest(good_pair + ".bin", good_pair + ".idx")
-    fifo = str(tmp_path / "stream.jsonl")
-    os.mkfifo(fifo)
-    cmd = [sys.executable, "-m", "instella_plugin.cli", "data", "prepare", fifo, "--output-prefix", good_pair,
-           "--overwrite", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=subprocess.PIPE)
-    deadline, fd, partial = time.time() + 120, None, good_pair + ".bin.partial"
-    try:
-        while fd is None:  # opening a FIFO's write end fails until the reader has it open
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.time() < deadline
-                time.sleep(0.05)
-        os.set_blocking(fd, True)
-        os.write(fd, "".join(json.dumps({"text": f"new document {i}"}) + "\n" for i in range(1500)).encode())
-        while not (os.path.exists(partial) and os.path.getsize(partial) > 0):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline
-            time.sleep(0.02)
-        assert digest(good_pair + ".bin", good_pair + ".idx") == before  # mid-write, the old pair is intact
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if fd is not None:
-            os.close(fd)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+
+    def old_pair_intact():  # mid-write, the old pair is untouched
+        assert digest(good_pair + ".bin", good_pair + ".idx") == before
+
+    code = kill_prepare_mid_write((f"new document {i}" for i in range(1500)), good_pair,
+                                  str(tmp_path / "stream.jsonl"), ["--overwrite"], midway=old_pair_intact)
+    assert code == -signal.SIGKILL
     assert digest(good_pair + ".bin", good_pair + ".idx") == before
     _readable(good_pair, 40)
 
