@@ -184,39 +184,41 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
   }
 }
 
-#define INSTELLA_QK_WORKERS(T)                                                                      \
-  INSTELLA_CLONES void sumsq_chunk(const T* x, QKShape sh, Acc<T>::type* ss, int64_t r0,          \
-                                   int64_t r1) {                                                    \
+// The workers, once per ISA level (isa.h).
+#define INSTELLA_QK_WORKERS(L, TARGET)                                                              \
+  template <class T>                                                                                \
+  TARGET INSTELLA_WORKER void sumsq_chunk(IsaTag<L>, const T* x, QKShape sh, typename Acc<T>::type* ss, int64_t r0, \
+                          int64_t r1) {                                                             \
     for (int64_t r = r0; r < r1; ++r)                                                               \
-      ss[r] = Acc<T>::type(row_sumsq<T>(x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b, sh));        \
+      ss[r] = typename Acc<T>::type(row_sumsq<T>(x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b, sh)); \
   }                                                                                                 \
-  INSTELLA_CLONES void fwd_chunk(const T* x, QKShape sh, const T* w, const Acc<T>::type* freqs,   \
-                                 const Acc<T>::type* ss, int64_t fw, double eps, T* y,              \
-                                 Acc<T>::type* rstd, Acc<T>::type* cs, Acc<T>::type* sn,           \
-                                 Acc<T>::type* nb, int64_t r0, int64_t r1) {                        \
+  template <class T>                                                                                \
+  TARGET INSTELLA_WORKER void fwd_chunk(IsaTag<L>, const T* x, QKShape sh, const T* w, const typename Acc<T>::type* freqs, \
+                        const typename Acc<T>::type* ss, int64_t fw, double eps, T* y,              \
+                        typename Acc<T>::type* rstd, typename Acc<T>::type* cs, typename Acc<T>::type* sn, \
+                        typename Acc<T>::type* nb, int64_t r0, int64_t r1) {                        \
     fwd_rows<T>(x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, nb, r0, r1);                         \
   }                                                                                                 \
-  INSTELLA_CLONES void bwd_chunk(const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,    \
-                                 const Acc<T>::type* freqs, const Acc<T>::type* rstd, int64_t fw,  \
-                                 bool split, T* dx, Acc<T>::type* dss, Acc<T>::type* part,         \
-                                 Acc<T>::type* dn, Acc<T>::type* cs, Acc<T>::type* sn,             \
-                                 Acc<T>::type* wide, int64_t r0, int64_t r1) {                      \
-    bwd_rows<T>(dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs, sn, wide, r0, r1);\
+  template <class T>                                                                                \
+  TARGET INSTELLA_WORKER void bwd_chunk(IsaTag<L>, const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,   \
+                        const typename Acc<T>::type* freqs, const typename Acc<T>::type* rstd, int64_t fw, \
+                        bool split, T* dx, typename Acc<T>::type* dss, typename Acc<T>::type* part, \
+                        typename Acc<T>::type* dn, typename Acc<T>::type* cs, typename Acc<T>::type* sn, \
+                        typename Acc<T>::type* wide, int64_t r0, int64_t r1) {                      \
+    bwd_rows<T>(dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs, sn, wide, r0, r1); \
   }
-INSTELLA_QK_WORKERS(float)
-INSTELLA_QK_WORKERS(double)
-INSTELLA_QK_WORKERS(bf16)
+INSTELLA_FOR_EACH_ISA(INSTELLA_QK_WORKERS)
 
 }  // namespace
 
 void qk_sumsq(DType dt, const void* x, QKShape sh, void* ss) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int64_t rows = sh.s * sh.b, step = 16;
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
-      sumsq_chunk(static_cast<const T*>(x), sh, static_cast<A*>(ss), r0,
+      sumsq_chunk(isa, static_cast<const T*>(x), sh, static_cast<A*>(ss), r0,
                   r0 + step < rows ? r0 + step : rows);
     }
   });
@@ -224,7 +226,7 @@ void qk_sumsq(DType dt, const void* x, QKShape sh, void* ss) {
 
 void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const void* freqs,
                       const void* ss, int64_t full_width, double eps, void* y, void* rstd) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int64_t rows = sh.s * sh.b, step = 16;
@@ -233,7 +235,7 @@ void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const 
       std::vector<A> scratch(2 * size_t(sh.head_dim) + size_t(sh.heads * sh.head_dim));
 #pragma omp for schedule(static)
       for (int64_t r0 = 0; r0 < rows; r0 += step) {
-        fwd_chunk(static_cast<const T*>(x), sh, static_cast<const T*>(w),
+        fwd_chunk(isa, static_cast<const T*>(x), sh, static_cast<const T*>(w),
                   static_cast<const A*>(freqs), static_cast<const A*>(ss), full_width, eps,
                   static_cast<T*>(y), static_cast<A*>(rstd), scratch.data(), scratch.data() + sh.head_dim,
                   scratch.data() + 2 * sh.head_dim, r0, r0 + step < rows ? r0 + step : rows);
@@ -245,7 +247,7 @@ void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const 
 void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKShape sh, const void* w,
                       const void* freqs, const void* rstd, int64_t full_width, bool split, void* dx,
                       void* dw, void* dss) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int64_t rows = sh.s * sh.b, width = sh.heads * sh.head_dim;
@@ -260,7 +262,7 @@ void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKSh
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
-        bwd_chunk(static_cast<const T*>(dy), gsh, static_cast<const T*>(x), sh,
+        bwd_chunk(isa, static_cast<const T*>(dy), gsh, static_cast<const T*>(x), sh,
                   static_cast<const T*>(w), static_cast<const A*>(freqs), static_cast<const A*>(rstd),
                   full_width, split, static_cast<T*>(dx), static_cast<A*>(dss),
                   part.data() + c * width, base, base + width, base + width + sh.head_dim,

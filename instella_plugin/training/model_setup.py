@@ -65,5 +65,5 @@ def describe(chunks: List[torch.nn.Module], device_type: str = "cpu") -> str:
     if any(type(m).__module__.startswith("instella_plugin.kernels") for m in modules if m is not None):
         from instella_plugin import kernels
 
-        text += f"; fused kernels: {kernels.backend(device_type)}"
+        text += f"; fused kernels: {kernels.describe_backend(device_type)}"
     return text
