@@ -187,20 +187,20 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
 // The workers, once per ISA level (isa.h).
 #define INSTELLA_QK_WORKERS(L, TARGET)                                                              \
   template <class T>                                                                                \
-  TARGET INSTELLA_WORKER void sumsq_chunk(IsaTag<L>, const T* x, QKShape sh, typename Acc<T>::type* ss, int64_t r0, \
+  TARGET INSTELLA_WORKER void qk_sumsq_chunk(IsaTag<L>, const T* x, QKShape sh, typename Acc<T>::type* ss, int64_t r0, \
                           int64_t r1) {                                                             \
     for (int64_t r = r0; r < r1; ++r)                                                               \
       ss[r] = typename Acc<T>::type(row_sumsq<T>(x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b, sh)); \
   }                                                                                                 \
   template <class T>                                                                                \
-  TARGET INSTELLA_WORKER void fwd_chunk(IsaTag<L>, const T* x, QKShape sh, const T* w, const typename Acc<T>::type* freqs, \
+  TARGET INSTELLA_WORKER void qk_fwd_chunk(IsaTag<L>, const T* x, QKShape sh, const T* w, const typename Acc<T>::type* freqs, \
                         const typename Acc<T>::type* ss, int64_t fw, double eps, T* y,              \
                         typename Acc<T>::type* rstd, typename Acc<T>::type* cs, typename Acc<T>::type* sn, \
                         typename Acc<T>::type* nb, int64_t r0, int64_t r1) {                        \
     fwd_rows<T>(x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, nb, r0, r1);                         \
   }                                                                                                 \
   template <class T>                                                                                \
-  TARGET INSTELLA_WORKER void bwd_chunk(IsaTag<L>, const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,   \
+  TARGET INSTELLA_WORKER void qk_bwd_chunk(IsaTag<L>, const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,   \
                         const typename Acc<T>::type* freqs, const typename Acc<T>::type* rstd, int64_t fw, \
                         bool split, T* dx, typename Acc<T>::type* dss, typename Acc<T>::type* part, \
                         typename Acc<T>::type* dn, typename Acc<T>::type* cs, typename Acc<T>::type* sn, \
@@ -218,7 +218,7 @@ void qk_sumsq(DType dt, const void* x, QKShape sh, void* ss) {
     const int64_t rows = sh.s * sh.b, step = 16;
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
-      sumsq_chunk(isa, static_cast<const T*>(x), sh, static_cast<A*>(ss), r0,
+      qk_sumsq_chunk(isa, static_cast<const T*>(x), sh, static_cast<A*>(ss), r0,
                   r0 + step < rows ? r0 + step : rows);
     }
   });
@@ -235,7 +235,7 @@ void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const 
       std::vector<A> scratch(2 * size_t(sh.head_dim) + size_t(sh.heads * sh.head_dim));
 #pragma omp for schedule(static)
       for (int64_t r0 = 0; r0 < rows; r0 += step) {
-        fwd_chunk(isa, static_cast<const T*>(x), sh, static_cast<const T*>(w),
+        qk_fwd_chunk(isa, static_cast<const T*>(x), sh, static_cast<const T*>(w),
                   static_cast<const A*>(freqs), static_cast<const A*>(ss), full_width, eps,
                   static_cast<T*>(y), static_cast<A*>(rstd), scratch.data(), scratch.data() + sh.head_dim,
                   scratch.data() + 2 * sh.head_dim, r0, r0 + step < rows ? r0 + step : rows);
@@ -262,7 +262,7 @@ void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKSh
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
-        bwd_chunk(isa, static_cast<const T*>(dy), gsh, static_cast<const T*>(x), sh,
+        qk_bwd_chunk(isa, static_cast<const T*>(dy), gsh, static_cast<const T*>(x), sh,
                   static_cast<const T*>(w), static_cast<const A*>(freqs), static_cast<const A*>(rstd),
                   full_width, split, static_cast<T*>(dx), static_cast<A*>(dss),
                   part.data() + c * width, base, base + width, base + width + sh.head_dim,

@@ -65,12 +65,12 @@ INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, 
 // The workers, once per ISA level (isa.h).
 #define INSTELLA_RMS_WORKERS(L, TARGET)                                                          \
   template <class T>                                                                             \
-  TARGET INSTELLA_WORKER void fwd_chunk(IsaTag<L>, const T* x, int64_t xs, const T* w, T* y,                     \
+  TARGET INSTELLA_WORKER void rms_fwd_chunk(IsaTag<L>, const T* x, int64_t xs, const T* w, T* y,                     \
                         typename Acc<T>::type* rstd, int64_t r0, int64_t r1, int64_t n, double eps) { \
     fwd_rows<T>(x, xs, w, y, rstd, r0, r1, n, eps);                                              \
   }                                                                                              \
   template <class T>                                                                             \
-  TARGET INSTELLA_WORKER void bwd_chunk(IsaTag<L>, const T* dy, int64_t dys, const T* x, int64_t xs, const T* w, \
+  TARGET INSTELLA_WORKER void rms_bwd_chunk(IsaTag<L>, const T* dy, int64_t dys, const T* x, int64_t xs, const T* w, \
                         const typename Acc<T>::type* rstd, T* dx, typename Acc<T>::type* part,   \
                         int64_t r0, int64_t r1, int64_t n) {                                     \
     bwd_rows<T>(dy, dys, x, xs, w, rstd, dx, part, r0, r1, n);                                   \
@@ -88,7 +88,7 @@ void rms_norm_fwd(DType dt, const void* x, int64_t x_stride, const void* w, void
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
       const int64_t r1 = r0 + step < rows ? r0 + step : rows;
-      fwd_chunk(isa, static_cast<const T*>(x), x_stride, static_cast<const T*>(w), static_cast<T*>(y),
+      rms_fwd_chunk(isa, static_cast<const T*>(x), x_stride, static_cast<const T*>(w), static_cast<T*>(y),
                 static_cast<A*>(rstd), r0, r1, hidden, eps);
     }
   });
@@ -105,7 +105,7 @@ void rms_norm_bwd(DType dt, const void* dy, int64_t dy_stride, const void* x, in
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
-      bwd_chunk(isa, static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
+      rms_bwd_chunk(isa, static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
                 static_cast<const T*>(w), static_cast<const A*>(rstd), static_cast<T*>(dx),
                 part.data() + c * hidden, r0, r1, hidden);
     }

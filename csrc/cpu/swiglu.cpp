@@ -51,11 +51,11 @@ INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, 
 // The workers, once per ISA level (isa.h).
 #define INSTELLA_SWIGLU_WORKERS(L, TARGET)                                                        \
   template <class T>                                                                              \
-  TARGET INSTELLA_WORKER void fwd_chunk(IsaTag<L>, const T* x, int64_t xs, T* y, int64_t f, int64_t r0, int64_t r1) { \
+  TARGET INSTELLA_WORKER void swiglu_fwd_chunk(IsaTag<L>, const T* x, int64_t xs, T* y, int64_t f, int64_t r0, int64_t r1) { \
     fwd_rows<T>(x, xs, y, f, r0, r1);                                                             \
   }                                                                                               \
   template <class T>                                                                              \
-  TARGET INSTELLA_WORKER void bwd_chunk(IsaTag<L>, const T* dy, int64_t dys, const T* x, int64_t xs, T* dx,      \
+  TARGET INSTELLA_WORKER void swiglu_bwd_chunk(IsaTag<L>, const T* dy, int64_t dys, const T* x, int64_t xs, T* dx,      \
                         int64_t f, int64_t r0, int64_t r1) {                                      \
     bwd_rows<T>(dy, dys, x, xs, dx, f, r0, r1);                                                   \
   }
@@ -69,7 +69,7 @@ void swiglu_fwd(DType dt, const void* x, int64_t x_stride, void* y, int64_t rows
     const int64_t step = 8;
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
-      fwd_chunk(isa, static_cast<const T*>(x), x_stride, static_cast<T*>(y), f, r0,
+      swiglu_fwd_chunk(isa, static_cast<const T*>(x), x_stride, static_cast<T*>(y), f, r0,
                 r0 + step < rows ? r0 + step : rows);
     }
   });
@@ -82,7 +82,7 @@ void swiglu_bwd(DType dt, const void* dy, int64_t dy_stride, const void* x, int6
     const int64_t step = 8;
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
-      bwd_chunk(isa, static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
+      swiglu_bwd_chunk(isa, static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
                 static_cast<T*>(dx), f, r0, r0 + step < rows ? r0 + step : rows);
     }
   });
