@@ -5,7 +5,7 @@ Each CPU worker is compiled for baseline x86-64 (SSE2), avx2 (x86-64-v3's vector
 supports, read independently from /proc/cpuinfo; a forced level runs (and is reported) as asked, an
 unknown or unsupported one is a clear error; and the built library's code for each level is vector
 code of that level's width, with no library calls (the fp32 exp of SwiGLU and the sin/cos of RoPE
-included). Numerics per level: tests/test_kernels_numerics.py runs for every supported level.
+included) and streaming stores of that width for large outputs. Numerics per level: tests/test_kernels_numerics.py runs for every supported level.
 """
 import os
 import re
@@ -83,7 +83,9 @@ WORKERS = {
     "qk_sumsq_chunk": r"(?:mul|fmadd\w*)pd", "qk_fwd_chunk": "cvttpd2dq", "qk_bwd_chunk": "mulps",
     "swiglu_fwd_chunk": "cvttps2dq", "swiglu_bwd_chunk": "cvttps2dq",
 }
-ALLOWED_CALLS = {"memset@plt"}  # zeroing a chunk's weight-gradient partial sums
+# memset: zeroing a chunk's weight-gradient partial sums; memcpy: the unaligned ends of a streamed row.
+ALLOWED_CALLS = {"memset@plt", "memcpy@plt"}
+STREAMED = set(WORKERS) - {"qk_sumsq_chunk"}  # workers that stream large outputs (csrc/cpu/stream.h)
 REGISTER = {0: "xmm", 1: "ymm", 2: "zmm"}
 
 
@@ -118,12 +120,51 @@ def test_every_worker_is_vector_code_of_its_level():
                     problems.append(f"{worker}<{dtype}> level {level}: not in the library")
                     continue
                 code = "\n".join(bodies)
-                calls = sorted(set(re.findall(r"\tcall\s+\S+\s+<([^>]+)>", code)) - ALLOWED_CALLS)
+                calls = sorted(set(re.findall(r"\tcall\s+[0-9a-f]+\s+<(.*)>\s*$", code, re.M)) - ALLOWED_CALLS)
                 if calls:
                     problems.append(f"{worker}<{dtype}> level {level}: calls {calls}")
                 if not re.search(rf"\tv?{marker}\s+[^\n]*%{reg}", code):
                     problems.append(f"{worker}<{dtype}> level {level}: no packed {marker} on %{reg} registers")
+                if worker in STREAMED and not re.search(rf"\tv?movntdq\s+%{reg}", code):
+                    problems.append(f"{worker}<{dtype}> level {level}: no streaming stores of %{reg} registers")
                 wider = [r for lv, r in REGISTER.items() if lv > level]
                 if any(f"%{r}" in code for r in wider):
                     problems.append(f"{worker}<{dtype}> level {level}: uses registers of a higher level")
     assert not problems, "\n".join(problems)
+
+
+# ---- the streamed path (outputs of 16 MiB and more) equals the cached one, bit for bit ----------------
+def _fwd_bwd(fn, inputs, dy=None):
+    """fn's output, its output gradient dy (random unless given) and the gradients of <y, dy>."""
+    leaves = [t.detach().clone().requires_grad_(i < 2) for i, t in enumerate(inputs)]
+    y = fn(*leaves)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype) if dy is None else dy
+    return [y.detach(), dy] + list(torch.autograd.grad(y, [t for t in leaves if t.requires_grad], dy))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streamed_outputs_equal_the_cached_path(monkeypatch, dtype):
+    """Each op on a tensor whose outputs pass the streaming threshold, against the same op on row blocks
+    small enough to be written through the cache: outputs and input gradients equal bitwise, every level
+    (the weight gradients are not streamed)."""
+    g = torch.Generator().manual_seed(0)
+    rows = (16 << 20) // (2560 * (torch.finfo(dtype).bits // 8)) + 8  # one output just over 16 MiB
+    x = torch.randn(rows, 2560, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(2560, generator=g)).to(dtype)
+    q = x.reshape(rows, 1, 32, 80)
+    f = torch.outer(torch.arange(rows, dtype=torch.float32), torch.rand(40, generator=g)).repeat(1, 2)
+    f = f.reshape(rows, 1, 1, 80)
+    h = torch.randn(rows // 2, 2 * 2560, generator=g).to(dtype)  # SwiGLU's dx: the same 16 MiB and more
+    cases = {"rms_norm": (lambda a, b: K.rms_norm(a, b), [x, w]),
+             "qk_norm_rope": (lambda a, b, c: K.qk_norm_rope(a, b, c), [q, w, f]),
+             "swiglu": (K.swiglu, [h])}
+    for level in K.supported_isas():
+        monkeypatch.setenv("INSTELLA_CPU_ISA", level)
+        for name, (fn, inputs) in cases.items():
+            whole = _fwd_bwd(fn, inputs)
+            n, step = inputs[0].shape[0], inputs[0].shape[0] // 8
+            blocks = [_fwd_bwd(fn, [t[i:i + step] if t.dim() > 1 else t for t in inputs], whole[1][i:i + step])
+                      for i in range(0, n, step)]
+            assert torch.equal(whole[0], torch.cat([b[0] for b in blocks])), f"{name} {dtype} {level}: output"
+            assert torch.equal(whole[2], torch.cat([b[2] for b in blocks])), f"{name} {dtype} {level}: grad x"

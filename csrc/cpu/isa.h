@@ -19,8 +19,12 @@ template <int L> struct IsaTag { static constexpr int level = L; };
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define INSTELLA_X86_LEVELS 1
 #define INSTELLA_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#if defined(__clang__)
+#define INSTELLA_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512cd")))
+#else
 #define INSTELLA_TARGET_AVX512 \
   __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512cd,prefer-vector-width=512")))
+#endif
 // M(level, target attribute) for each level compiled here.
 #define INSTELLA_FOR_EACH_ISA(M) M(0, ) M(1, INSTELLA_TARGET_AVX2) M(2, INSTELLA_TARGET_AVX512)
 constexpr int kIsaLevels = 3;
