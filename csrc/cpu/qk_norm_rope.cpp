@@ -189,27 +189,32 @@ INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, QKShape gsh, co
 }
 
 // The workers, once per ISA level (isa.h).
-#define INSTELLA_QK_WORKERS(L, TARGET)                                                              \
-  template <class T>                                                                                \
-  TARGET INSTELLA_WORKER void qk_sumsq_chunk(IsaTag<L>, const T* x, QKShape sh, typename Acc<T>::type* ss, int64_t r0, \
-                          int64_t r1) {                                                             \
-    for (int64_t r = r0; r < r1; ++r)                                                               \
-      ss[r] = typename Acc<T>::type(row_sumsq<T>(x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b, sh)); \
-  }                                                                                                 \
-  template <class T>                                                                                \
-  TARGET INSTELLA_WORKER void qk_fwd_chunk(IsaTag<L> isa, bool stream, const T* x, QKShape sh, const T* w, const typename Acc<T>::type* freqs, \
-                        const typename Acc<T>::type* ss, int64_t fw, double eps, T* y,              \
-                        typename Acc<T>::type* rstd, typename Acc<T>::type* cs, typename Acc<T>::type* sn, \
-                        typename Acc<T>::type* nb, int64_t r0, int64_t r1) {                        \
-    fwd_rows<T>(isa, stream, x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, nb, r0, r1);                         \
-  }                                                                                                 \
-  template <class T>                                                                                \
-  TARGET INSTELLA_WORKER void qk_bwd_chunk(IsaTag<L> isa, bool stream, const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,   \
-                        const typename Acc<T>::type* freqs, const typename Acc<T>::type* rstd, int64_t fw, \
-                        bool split, T* dx, typename Acc<T>::type* dss, typename Acc<T>::type* part, \
-                        typename Acc<T>::type* dn, typename Acc<T>::type* cs, typename Acc<T>::type* sn, \
-                        typename Acc<T>::type* wide, int64_t r0, int64_t r1) {                      \
-    bwd_rows<T>(isa, stream, dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs, sn, wide, r0, r1); \
+#define INSTELLA_QK_WORKERS(L, TARGET)                                                          \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void qk_sumsq_chunk(IsaTag<L>, const T* x, QKShape sh,                 \
+                                             typename Acc<T>::type* ss, int64_t r0, int64_t r1) { \
+    for (int64_t r = r0; r < r1; ++r) {                                                         \
+      const T* xr = x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b;                    \
+      ss[r] = typename Acc<T>::type(row_sumsq<T>(xr, sh));                                      \
+    }                                                                                           \
+  }                                                                                             \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void qk_fwd_chunk(                                                     \
+      IsaTag<L> isa, bool stream, const T* x, QKShape sh, const T* w,                           \
+      const typename Acc<T>::type* freqs, const typename Acc<T>::type* ss, int64_t fw,          \
+      double eps, T* y, typename Acc<T>::type* rstd, typename Acc<T>::type* cs,                 \
+      typename Acc<T>::type* sn, typename Acc<T>::type* nb, int64_t r0, int64_t r1) {           \
+    fwd_rows<T>(isa, stream, x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, nb, r0, r1);        \
+  }                                                                                             \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void qk_bwd_chunk(                                                     \
+      IsaTag<L> isa, bool stream, const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w, \
+      const typename Acc<T>::type* freqs, const typename Acc<T>::type* rstd, int64_t fw,        \
+      bool split, T* dx, typename Acc<T>::type* dss, typename Acc<T>::type* part,               \
+      typename Acc<T>::type* dn, typename Acc<T>::type* cs, typename Acc<T>::type* sn,          \
+      typename Acc<T>::type* wide, int64_t r0, int64_t r1) {                                    \
+    bwd_rows<T>(isa, stream, dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs,  \
+                sn, wide, r0, r1);                                                              \
   }
 INSTELLA_FOR_EACH_ISA(INSTELLA_QK_WORKERS)
 

@@ -65,17 +65,20 @@ INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, int64_t dys, co
 }
 
 // The workers, once per ISA level (isa.h).
-#define INSTELLA_RMS_WORKERS(L, TARGET)                                                          \
-  template <class T>                                                                             \
-  TARGET INSTELLA_WORKER void rms_fwd_chunk(IsaTag<L> isa, bool stream, const T* x, int64_t xs, const T* w, T* y,                     \
-                        typename Acc<T>::type* rstd, int64_t r0, int64_t r1, int64_t n, double eps) { \
-    fwd_rows<T>(isa, stream, x, xs, w, y, rstd, r0, r1, n, eps);                                             \
-  }                                                                                              \
-  template <class T>                                                                             \
-  TARGET INSTELLA_WORKER void rms_bwd_chunk(IsaTag<L> isa, bool stream, const T* dy, int64_t dys, const T* x, int64_t xs, const T* w, \
-                        const typename Acc<T>::type* rstd, T* dx, typename Acc<T>::type* part,   \
-                        int64_t r0, int64_t r1, int64_t n) {                                     \
-    bwd_rows<T>(isa, stream, dy, dys, x, xs, w, rstd, dx, part, r0, r1, n);                                  \
+#define INSTELLA_RMS_WORKERS(L, TARGET)                                                         \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void rms_fwd_chunk(IsaTag<L> isa, bool stream, const T* x, int64_t xs, \
+                                            const T* w, T* y, typename Acc<T>::type* rstd,      \
+                                            int64_t r0, int64_t r1, int64_t n, double eps) {    \
+    fwd_rows<T>(isa, stream, x, xs, w, y, rstd, r0, r1, n, eps);                                \
+  }                                                                                             \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void rms_bwd_chunk(IsaTag<L> isa, bool stream, const T* dy, int64_t dys, \
+                                            const T* x, int64_t xs, const T* w,                 \
+                                            const typename Acc<T>::type* rstd, T* dx,           \
+                                            typename Acc<T>::type* part, int64_t r0, int64_t r1, \
+                                            int64_t n) {                                        \
+    bwd_rows<T>(isa, stream, dy, dys, x, xs, w, rstd, dx, part, r0, r1, n);                     \
   }
 INSTELLA_FOR_EACH_ISA(INSTELLA_RMS_WORKERS)
 

@@ -27,16 +27,18 @@ constexpr int64_t kStreamMinBytes = 16ll << 20;  // outputs from this size on ar
 #if defined(INSTELLA_X86_LEVELS)
 // Copies n bytes src -> dst, the vector-aligned middle of dst with non-temporal stores. (Not forced
 // inline: write_out, generic over the level, may call a function of a higher target but not inline it.)
-#define INSTELLA_STREAM_BYTES(L, TARGET, VEC, BYTES, LOAD, STORE)                              \
-  TARGET inline void stream_bytes(IsaTag<L>, void* dst, const void* src, size_t n) { \
-    char* d = static_cast<char*>(dst);                                                          \
-    const char* s = static_cast<const char*>(src);                                              \
-    size_t head = (BYTES - (reinterpret_cast<uintptr_t>(d) & (BYTES - 1))) & (BYTES - 1);       \
-    if (head > n) head = n;                                                                     \
-    memcpy(d, s, head);                                                                         \
-    size_t i = head;                                                                            \
-    for (; i + BYTES <= n; i += BYTES) STORE(reinterpret_cast<VEC*>(d + i), LOAD(reinterpret_cast<const VEC*>(s + i))); \
-    memcpy(d + i, s + i, n - i);                                                                \
+#define INSTELLA_STREAM_BYTES(L, TARGET, VEC, BYTES, LOAD, STORE)                            \
+  TARGET inline void stream_bytes(IsaTag<L>, void* dst, const void* src, size_t n) {         \
+    char* d = static_cast<char*>(dst);                                                        \
+    const char* s = static_cast<const char*>(src);                                            \
+    size_t head = (BYTES - (reinterpret_cast<uintptr_t>(d) & (BYTES - 1))) & (BYTES - 1);     \
+    if (head > n) head = n;                                                                   \
+    memcpy(d, s, head);                                                                       \
+    size_t i = head;                                                                          \
+    for (; i + BYTES <= n; i += BYTES) {                                                      \
+      STORE(reinterpret_cast<VEC*>(d + i), LOAD(reinterpret_cast<const VEC*>(s + i)));        \
+    }                                                                                         \
+    memcpy(d + i, s + i, n - i);                                                              \
   }
 INSTELLA_STREAM_BYTES(0, , __m128i, 16, _mm_loadu_si128, _mm_stream_si128)
 INSTELLA_STREAM_BYTES(1, INSTELLA_TARGET_AVX2, __m256i, 32, _mm256_loadu_si256, _mm256_stream_si256)
