@@ -300,6 +300,8 @@ def main(argv=None):
                    help="CPU threads (torch.set_num_threads; on a loaded machine 1 thread times more reliably)")
     p.add_argument("--isa", nargs="+", default=None, choices=["all"] + list(ISA_ENV),
                    help="CPU: run once per x86 level named (all: every level this CPU runs), see above")
+    p.add_argument("--kernels", nargs="*", default=None, choices=["rms_norm", "qk_norm_rope", "swiglu"],
+                   help="only these kernels (default: all)")
     p.add_argument("--torch-isa", choices=["matched", "native"], default="matched",
                    help="with --isa: hold PyTorch's eager and compiled code to the same level (matched) or not")
     a = p.parse_args(argv)
@@ -321,10 +323,21 @@ def main(argv=None):
            f"{'%copy':>6s} {'%clone':>6s} {'eager ms':>9s} {'x eager':>8s} {'compile ms':>10s} {'x compile':>9s}")
     print(hdr)
     rows = []
+    record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), label=a.label, device=dev,
+                  device_name=(torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
+                               or platform.machine()),
+                  torch=torch.__version__, threads=torch.get_num_threads(), backend=K.backend(dev),
+                  copy_gbs=copy_gbs, clone_gbs=clone_gbs, thp_mem_alloc=alloc, allocator=allocator,
+                  isa=isa, forced_isa=os.environ.get("INSTELLA_CPU_ISA") or None,
+                  aten_cpu_capability=os.environ.get("ATEN_CPU_CAPABILITY") or None,
+                  inductor_march=os.environ.get("TORCHINDUCTOR_CPP_MARCH") or None, rows=rows)
+    index = None  # the record is saved after every row, so an interrupted run keeps what it measured
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for t in tokens:
             for name, fused, ref, args, b_fwd, b_all, freqs in cases(dev, dtype, t):
+                if a.kernels and name not in a.kernels:
+                    continue
                 compiled = None if a.no_compile else torch.compile(ref, dynamic=False)
                 for bwd in (False, True):
                     steps = {"fused": make_step(fused, args, bwd), "eager": make_step(ref, args, bwd)}
@@ -351,15 +364,9 @@ def main(argv=None):
                           f"{r['x_eager']:8.2f} {r['compile_ms']:10.2f} {r['x_compile']:9.2f}"
                           + "".join(f"  x {k[2:]} {v:.2f}" for k, v in r.items() if k[2:] in ("liger", "apex", "te")),
                           flush=True)
-    record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), label=a.label, device=dev,
-                  device_name=(torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
-                               or platform.machine()),
-                  torch=torch.__version__, threads=torch.get_num_threads(), backend=K.backend(dev),
-                  copy_gbs=copy_gbs, clone_gbs=clone_gbs, thp_mem_alloc=alloc, allocator=allocator,
-                  isa=isa, forced_isa=os.environ.get("INSTELLA_CPU_ISA") or None,
-                  aten_cpu_capability=os.environ.get("ATEN_CPU_CAPABILITY") or None,
-                  inductor_march=os.environ.get("TORCHINDUCTOR_CPP_MARCH") or None, rows=rows)
-    append_json(a.out, record)
+                    index = append_json(a.out, record, index)
+    append_json(a.out, record, index)
+    print(f"saved to {a.out}")
     if dev == "cpu":
         misses = check_targets(record)
         print("targets (1.5x eager, 1.0x compile / SwiGLU 0.95x, RMSNorm fwd 16384 >= 50 % copy_): "
@@ -376,17 +383,34 @@ def load_json(path):
         return json.load(fh)
 
 
-def append_json(path, record):
-    """Append ``record`` to the JSON list in ``path`` (written atomically)."""
+def append_json(path, record, index=None):
+    """Append ``record`` to the JSON list in ``path``, or replace entry ``index`` (a record saved before
+    with fewer rows); returns its index. Written atomically, under a lock (runs of several levels may
+    share the file)."""
+    import fcntl
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # lock the folder: no stray lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _write_json(path, record, index)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, record, index):
     data = load_json(path)
-    data.append(record)
+    if index is None:
+        data.append(record)
+        index = len(data) - 1
+    else:
+        data[index] = record
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=1)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-    print(f"appended to {path}")
+    return index
 
 
 def plot(path, records, png):
