@@ -13,6 +13,13 @@ every out-of-place op, pays for allocating and first-touching its output. Result
     python bench/bench_kernels.py --quick         # 4096 tokens, fp32 only
     python bench/bench_kernels.py --allocator jemalloc   # every op's output from jemalloc's retained pages
     python bench/bench_kernels.py --device cuda   # same table on a GPU (used by tests/gpu/check_kernels.py)
+    python bench/bench_kernels.py --isa all       # once per x86 level this CPU runs (avx512, avx2, baseline)
+
+The CPU kernels are compiled for several x86 levels and dispatched per call (the best this CPU runs;
+``--isa LEVEL`` forces one through INSTELLA_CPU_ISA). Each level runs in its own process, with PyTorch's
+eager kernels (ATEN_CPU_CAPABILITY) and torch.compile's generated code (its vector ISA and
+TORCHINDUCTOR_CPP_MARCH) held to the same level, so the row is what a host of that level would see;
+``--torch-isa native`` leaves PyTorch at this CPU's best instead. Every record and row names the level.
 
 On the CPU an out-of-place op pays for its output's fresh pages (page faults, the kernel zeroing
 them): with glibc's allocator every tensor this size is a new mmap, so fused, eager and compiled ops
@@ -24,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +70,15 @@ def _requested_allocator(argv):
 
 if _requested_allocator(sys.argv) == "jemalloc":
     _preload_jemalloc()
+
+# --isa LEVEL: the settings of a host of that level, for this package's kernels and for PyTorch's own
+# (ATen's eager kernels read ATEN_CPU_CAPABILITY when torch loads, so each level is its own process).
+ISA_ENV = {
+    "avx512": {"INSTELLA_CPU_ISA": "avx512", "ATEN_CPU_CAPABILITY": "avx512", "TORCHINDUCTOR_CPP_MARCH": "x86-64-v4"},
+    "avx2": {"INSTELLA_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3"},
+    "baseline": {"INSTELLA_CPU_ISA": "baseline", "ATEN_CPU_CAPABILITY": "default", "TORCHINDUCTOR_CPP_MARCH": "x86-64"},
+}
+ISA_CHILD = "INSTELLA_BENCH_ISA_CHILD"  # set in the process that runs one forced level
 
 import torch  # noqa: E402
 
@@ -227,6 +244,45 @@ def timed_interleaved(steps, device, reps, warmup=2):
     return best
 
 
+def run_levels(a, argv):
+    """Re-run this script once per requested level, each with its level's environment; then plot the
+    records of this run side by side. Returns the records."""
+    levels = K.supported_isas() if a.isa == ["all"] else a.isa
+    unknown = [lvl for lvl in levels if lvl not in K.supported_isas()]
+    if unknown:
+        sys.exit(f"--isa {' '.join(unknown)}: this CPU runs only {', '.join(K.supported_isas()) or 'no native kernel'}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = argv.index("--isa")
+    while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        del argv[i + 1]
+    start = len(load_json(a.out))
+    for level in levels:
+        env = dict(os.environ, **{ISA_CHILD: level})
+        env.update(ISA_ENV[level] if a.torch_isa == "matched" else {"INSTELLA_CPU_ISA": level})
+        print(f"===== level {level}: " + " ".join(f"{k}={env[k]}" for k in sorted(ISA_ENV[level]) if k in env), flush=True)
+        child = argv[:i + 1] + [level] + argv[i + 1:]
+        subprocess.run([sys.executable, os.path.abspath(__file__)] + child, env=env, check=True)
+    records = load_json(a.out)[start:]
+    plot(a.out, records, os.path.splitext(a.out)[0] + "_isa.png")
+    return records
+
+
+def check_targets(record):
+    """Rows that miss the targets of the CPU kernels (issue 20): fused at least 1.5x eager and 1.0x
+    torch.compile (SwiGLU 0.95x), and RMSNorm forward at 16384 tokens at least 50 % of copy_ bandwidth."""
+    misses = []
+    for r in record["rows"]:
+        name = f"{r['kernel']} {r['dtype']} {r['tokens']} {'fwd+bwd' if r['bwd'] else 'fwd'} [{r.get('isa')}]"
+        if r["x_eager"] < 1.5:
+            misses.append(f"{name}: {r['x_eager']:.2f}x eager < 1.5x")
+        need = 0.95 if r["kernel"] == "swiglu" else 1.0
+        if r["x_compile"] == r["x_compile"] and r["x_compile"] < need:
+            misses.append(f"{name}: {r['x_compile']:.2f}x compile < {need}x")
+        if r["kernel"] == "rms_norm" and not r["bwd"] and r["tokens"] == 16384 and r["frac_copy"] < 0.5:
+            misses.append(f"{name}: {100 * r['frac_copy']:.0f} % of copy_ bandwidth < 50 %")
+    return misses
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -242,7 +298,15 @@ def main(argv=None):
                    help="jemalloc: preload it, keeping freed pages (CPU; see above)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (torch.set_num_threads; on a loaded machine 1 thread times more reliably)")
+    p.add_argument("--isa", nargs="+", default=None, choices=["all"] + list(ISA_ENV),
+                   help="CPU: run once per x86 level named (all: every level this CPU runs), see above")
+    p.add_argument("--kernels", nargs="*", default=None, choices=["rms_norm", "qk_norm_rope", "swiglu"],
+                   help="only these kernels (default: all)")
+    p.add_argument("--torch-isa", choices=["matched", "native"], default="matched",
+                   help="with --isa: hold PyTorch's eager and compiled code to the same level (matched) or not")
     a = p.parse_args(argv)
+    if a.isa and os.environ.get(ISA_CHILD) is None:
+        return run_levels(a, argv)
     tokens = a.tokens or ([4096] if a.quick else [4096, 16384])
     dtypes = a.dtypes or (["float32"] if a.quick else ["float32", "bfloat16"])
     dev = a.device
@@ -251,17 +315,29 @@ def main(argv=None):
     copy_gbs, clone_gbs = copy_bandwidth(dev)
     alloc = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     allocator = "jemalloc (retaining pages)" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"
-    print(f"device {dev}, backend {K.backend(dev)}, threads {torch.get_num_threads()}, "
+    isa = K.dispatched_isa() if dev == "cpu" else {}
+    print(f"device {dev}, backend {K.describe_backend(dev)}, threads {torch.get_num_threads()}, "
           f"copy bandwidth {copy_gbs:.1f} GB/s (clone {clone_gbs:.1f} GB/s), THP_MEM_ALLOC_ENABLE={alloc}, "
           f"allocator {allocator}")
     hdr = (f"{'kernel':13s} {'dtype':8s} {'tokens':>6s} {'pass':7s} {'fused ms':>9s} {'GB/s':>7s} "
            f"{'%copy':>6s} {'%clone':>6s} {'eager ms':>9s} {'x eager':>8s} {'compile ms':>10s} {'x compile':>9s}")
     print(hdr)
     rows = []
+    record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), label=a.label, device=dev,
+                  device_name=(torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
+                               or platform.machine()),
+                  torch=torch.__version__, threads=torch.get_num_threads(), backend=K.backend(dev),
+                  copy_gbs=copy_gbs, clone_gbs=clone_gbs, thp_mem_alloc=alloc, allocator=allocator,
+                  isa=isa, forced_isa=os.environ.get("INSTELLA_CPU_ISA") or None,
+                  aten_cpu_capability=os.environ.get("ATEN_CPU_CAPABILITY") or None,
+                  inductor_march=os.environ.get("TORCHINDUCTOR_CPP_MARCH") or None, rows=rows)
+    index = None  # the record is saved after every row, so an interrupted run keeps what it measured
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for t in tokens:
             for name, fused, ref, args, b_fwd, b_all, freqs in cases(dev, dtype, t):
+                if a.kernels and name not in a.kernels:
+                    continue
                 compiled = None if a.no_compile else torch.compile(ref, dynamic=False)
                 for bwd in (False, True):
                     steps = {"fused": make_step(fused, args, bwd), "eager": make_step(ref, args, bwd)}
@@ -277,7 +353,7 @@ def main(argv=None):
                     best = timed_interleaved(steps, dev, a.reps)
                     tf, te, tc = best["fused"], best["eager"], best.get("compile", float("nan"))
                     gbs = (b_all if bwd else b_fwd) / tf / 1e9
-                    r = dict(kernel=name, dtype=dtype_name, tokens=t, bwd=bwd, fused_ms=tf * 1e3,
+                    r = dict(kernel=name, isa=isa.get(name), dtype=dtype_name, tokens=t, bwd=bwd, fused_ms=tf * 1e3,
                              eager_ms=te * 1e3, compile_ms=tc * 1e3, gbs=gbs, frac_copy=gbs / copy_gbs,
                              frac_clone=gbs / clone_gbs, x_eager=te / tf, x_compile=tc / tf)
                     r.update({f"x_{k}": v / tf for k, v in best.items() if k not in ("fused", "eager", "compile")})
@@ -288,33 +364,57 @@ def main(argv=None):
                           f"{r['x_eager']:8.2f} {r['compile_ms']:10.2f} {r['x_compile']:9.2f}"
                           + "".join(f"  x {k[2:]} {v:.2f}" for k, v in r.items() if k[2:] in ("liger", "apex", "te")),
                           flush=True)
-    record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), label=a.label, device=dev,
-                  device_name=(torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
-                               or platform.machine()),
-                  torch=torch.__version__, threads=torch.get_num_threads(), backend=K.backend(dev),
-                  copy_gbs=copy_gbs, clone_gbs=clone_gbs, thp_mem_alloc=alloc, allocator=allocator, rows=rows)
-    append_json(a.out, record)
-    plot(a.out, record, os.path.splitext(a.out)[0] + (".png" if dev == "cpu" else f"_{dev}.png"))
+                    index = append_json(a.out, record, index)
+    append_json(a.out, record, index)
+    print(f"saved to {a.out}")
+    if dev == "cpu":
+        misses = check_targets(record)
+        print("targets (1.5x eager, 1.0x compile / SwiGLU 0.95x, RMSNorm fwd 16384 >= 50 % copy_): "
+              + ("all met" if not misses else f"{len(misses)} missed\n  " + "\n  ".join(misses)))
+    if os.environ.get(ISA_CHILD) is None:
+        plot(a.out, [record], os.path.splitext(a.out)[0] + (".png" if dev == "cpu" else f"_{dev}.png"))
     return record
 
 
-def append_json(path, record):
-    """Append ``record`` to the JSON list in ``path`` (written atomically)."""
+def load_json(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def append_json(path, record, index=None):
+    """Append ``record`` to the JSON list in ``path``, or replace entry ``index`` (a record saved before
+    with fewer rows); returns its index. Written atomically, under a lock (runs of several levels may
+    share the file)."""
+    import fcntl
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data = []
-    if os.path.exists(path):
-        with open(path) as fh:
-            data = json.load(fh)
-    data.append(record)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # lock the folder: no stray lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _write_json(path, record, index)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, record, index):
+    data = load_json(path)
+    if index is None:
+        data.append(record)
+        index = len(data) - 1
+    else:
+        data[index] = record
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=1)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-    print(f"appended to {path}")
+    return index
 
 
-def plot(path, record, png):
+def plot(path, records, png):
+    """Speed-ups of each record's rows, one panel per record (e.g. one per x86 level)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -322,20 +422,25 @@ def plot(path, record, png):
     except ImportError:
         print("matplotlib missing; no plot", file=sys.stderr)
         return
-    rows = record["rows"]
-    labels = [f"{r['kernel']}\n{r['dtype']} {r['tokens']}\n{'f+b' if r['bwd'] else 'fwd'}" for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
-    ax.bar([i - 0.2 for i in xs], [r["x_eager"] for r in rows], 0.4, label="fused vs eager")
-    ax.bar([i + 0.2 for i in xs], [r["x_compile"] for r in rows], 0.4, label="fused vs torch.compile")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, fontsize=6)
-    ax.set_ylabel("speed-up (baseline time / fused time)")
-    ax.set_title(f"instella fused kernels on {record['device']} ({record['device_name']}, "
-                 f"{record['threads']} threads, allocator {record.get('allocator', 'default')}), {record['time']}",
-                 fontsize=9)
-    ax.legend()
+    n = max(len(r["rows"]) for r in records)
+    fig, axes = plt.subplots(len(records), 1, figsize=(max(8, 0.7 * n), 4.5 * len(records)), squeeze=False)
+    for ax, record in zip(axes[:, 0], records):
+        rows = record["rows"]
+        labels = [f"{r['kernel']}\n{r['dtype']} {r['tokens']}\n{'f+b' if r['bwd'] else 'fwd'}" for r in rows]
+        xs = range(len(rows))
+        ax.bar([i - 0.2 for i in xs], [r["x_eager"] for r in rows], 0.4, label="fused vs eager")
+        ax.bar([i + 0.2 for i in xs], [r["x_compile"] for r in rows], 0.4, label="fused vs torch.compile")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.5, color="k", lw=0.5, ls=":")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_ylabel("speed-up (baseline time / fused time)")
+        levels = sorted({str(v) for v in (record.get("isa") or {}).values()})
+        ax.set_title(f"instella fused kernels on {record['device']} ({record['device_name']}, "
+                     f"{record['threads']} threads, allocator {record.get('allocator', 'default')}"
+                     + (f", kernels {'/'.join(levels)}, torch {record.get('aten_cpu_capability') or 'native'}"
+                        if levels else "") + f"), {record['time']}", fontsize=9)
+        ax.legend()
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(png)), suffix=".png")
     os.close(fd)

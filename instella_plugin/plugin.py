@@ -119,8 +119,8 @@ class InstellaPlugin(GPTPlugin):
 
     def check_config(self, run) -> None:
         flags = run.flags
-        for flag, (value, why) in _FIXED_BY_MODEL.items():
-            if getattr(flags, flag) != value:
+        for flag, (value, why) in _FIXED_BY_MODEL.items():  # given explicitly (Megatron-LM's defaults differ)
+            if flag in run.explicit and getattr(flags, flag) != value:
                 raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(flags, flag)}: {why}; drop the flag "
                                  "(or train the stock GPT without --plugin)")
         if flags.group_query_attention and "num_query_groups" not in run.explicit:

@@ -4,7 +4,8 @@ For each kernel, dtype (fp32, bf16), odd and Instella shapes, contiguous and str
 error of the fused op (forward and every gradient) must be within 2x the error PyTorch itself makes
 computing the same function in the same precision (plus a floor of a quarter ulp, for cases where
 PyTorch happens to be exact). The same bound holds for the PyTorch fallback. Plus gradcheck in fp64
-and bitwise determinism across runs and thread counts.
+and bitwise determinism across runs and thread counts. The fused kernels' tests run once per x86 level
+this CPU supports (avx512, avx2, baseline: INSTELLA_CPU_ISA, read by the dispatch at every call).
 """
 import pytest
 import torch
@@ -14,6 +15,16 @@ from instella_plugin.kernels import fallback as FB
 
 EPS = 1e-5
 DTYPES = [torch.float32, torch.bfloat16]
+LEVELS = K.supported_isas() or ["fallback"]  # "fallback": no native CPU kernel, nothing to force
+
+
+@pytest.fixture(params=LEVELS)
+def level(request, monkeypatch):
+    """Runs the test with the CPU kernels forced to one ISA level."""
+    if request.param != "fallback":
+        monkeypatch.setenv("INSTELLA_CPU_ISA", request.param)
+        assert set(K.dispatched_isa().values()) == {request.param}
+    return request.param
 
 
 # ---- references: eager PyTorch; the truth is the same code run in float64 ----------------------------
@@ -110,7 +121,7 @@ def check_against_fp64(kernel, fn, shape, dtype, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernel", list(KERNELS))
-def test_fused_within_twice_pytorch_error(kernel, dtype):
+def test_fused_within_twice_pytorch_error(kernel, dtype, level):
     fn, _, shapes = KERNELS[kernel]
     for shape in shapes:
         for layout in ("contiguous", "wide", "transposed"):
@@ -150,7 +161,7 @@ def _with_autograd(kernel):
     return Fn.apply
 
 
-def test_gradcheck_fp64():
+def test_gradcheck_fp64(level):
     g = torch.Generator().manual_seed(3)
 
     def r(*s):
@@ -168,7 +179,7 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(K.swiglu, (r(3, 5, 14),))
 
 
-def test_tp_apply_with_full_width_equals_unsplit():
+def test_tp_apply_with_full_width_equals_unsplit(level):
     x, w, f = make_inputs("qk_norm_rope", (6, 2, 4, 8), torch.float64, "contiguous")
     ss = K.ops.qk_sumsq(x)
     assert torch.allclose(ss, x.pow(2).sum((2, 3)), rtol=1e-14)
@@ -177,7 +188,7 @@ def test_tp_apply_with_full_width_equals_unsplit():
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
-def test_bitwise_deterministic_across_runs_and_threads(kernel):
+def test_bitwise_deterministic_across_runs_and_threads(kernel, level):
     fn, _, shapes = KERNELS[kernel]
     inputs = make_inputs(kernel, shapes[-1], torch.bfloat16, "contiguous")
     first = outputs_and_grads(fn, inputs)

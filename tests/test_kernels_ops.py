@@ -113,7 +113,8 @@ def test_build_targets_never_fail(monkeypatch, capsys):
     exts, cmd = build_targets.extension_modules()
     assert [e.name for e in exts] == ["instella_plugin.kernels._cpu"] and "build_ext" in cmd
     assert set(build_targets.cpu_sources()) == {"csrc/cpu/rms_norm.cpp", "csrc/cpu/qk_norm_rope.cpp",
-                                                "csrc/cpu/swiglu.cpp", "csrc/cpu/torch_ops.cpp"}
+                                                "csrc/cpu/swiglu.cpp", "csrc/cpu/torch_ops.cpp", "csrc/cpu/isa.cpp"}
+    assert "-fno-trapping-math" in exts[0].extra_compile_args  # else exp's clamps stop SwiGLU vectorising
     with pytest.raises(ValueError, match="INSTELLA_KERNELS"):
         build_targets.requested_targets("gpu-please")
     # Without torch at build time: no extensions, one line, no exception.

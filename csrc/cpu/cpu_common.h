@@ -1,18 +1,12 @@
-// Helpers shared by the CPU kernel sources: ISA clones, row chunking, dtype dispatch.
+// Helpers shared by the CPU kernel sources: row chunking, dtype dispatch (ISA levels: isa.h).
 #pragma once
 #include <stdint.h>
 
 #include <stdexcept>
 
 #include "instella_kernels/scalar.h"
+#include "isa.h"
 
-// Per-chunk workers are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time,
-// so one binary is both portable and vectorised. Other architectures get one baseline version.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define INSTELLA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define INSTELLA_CLONES
-#endif
 #define INSTELLA_INLINE inline __attribute__((always_inline))
 
 namespace instella {
@@ -23,7 +17,7 @@ inline int64_t rows_per_chunk(int64_t rows) { return rows <= 64 ? 1 : (rows + 63
 
 // Row reductions in double keep kLanes independent partial sums, lane j taking elements j, j + kLanes,
 // ...: the loop then runs at load speed instead of waiting on one accumulator's add latency, and
-// the order of additions is fixed (the result is the same on every run and ISA clone).
+// the order of additions is fixed (the result is the same on every run and ISA level).
 constexpr int kLanes = 32;
 
 struct LaneSums {
@@ -45,12 +39,13 @@ template <class F> INSTELLA_INLINE void lane_sum(LaneSums& acc, int64_t n, F&& f
   for (int j = 0; i + j < n; ++j) acc.v[j] += f(i + j);
 }
 
-// Calls f(T{}) with T the C++ type of dt.
+// Calls f(T{}, IsaTag<L>{}) with T the C++ type of dt and L the ISA level the op runs (isa.h);
+// f passes the tag on to the worker overloads of that level.
 template <class F> void dispatch(DType dt, F&& f) {
   switch (dt) {
-    case DType::f32: f(float{}); break;
-    case DType::f64: f(double{}); break;
-    case DType::bf16: f(bf16{}); break;
+    case DType::f32: isa_call([&](auto isa) { f(float{}, isa); }); break;
+    case DType::f64: isa_call([&](auto isa) { f(double{}, isa); }); break;
+    case DType::bf16: isa_call([&](auto isa) { f(bf16{}, isa); }); break;
     default: throw std::invalid_argument("instella kernels: unsupported dtype");
   }
 }

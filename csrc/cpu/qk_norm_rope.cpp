@@ -12,6 +12,7 @@
 #include "cpu_common.h"
 #include "instella_kernels/math.h"
 #include "kernels.h"
+#include "stream.h"
 
 namespace instella {
 namespace cpu {
@@ -41,9 +42,10 @@ INSTELLA_INLINE void angles(const A* f, int64_t hd, A* cs, A* sn) {
   }
 }
 
-// Rows [r0, r1) of the flattened (s, b) index; cs/sn hold head_dim values of scratch each.
-template <class T>
-INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename Acc<T>::type* freqs,
+// Rows [r0, r1) of the flattened (s, b) index; cs/sn hold head_dim values of scratch each, nb a row.
+// stream: write y (dx) a row at a time from scratch with streaming stores (stream.h).
+template <class T, class Tag>
+INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, QKShape sh, const T* w, const typename Acc<T>::type* freqs,
                               const typename Acc<T>::type* ss_in, int64_t full_width, double eps, T* y,
                               typename Acc<T>::type* rstd, typename Acc<T>::type* cs,
                               typename Acc<T>::type* sn, typename Acc<T>::type* nb, int64_t r0, int64_t r1) {
@@ -81,13 +83,13 @@ INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename
           n2[d] = b * c2[d] + a * s2[d];
         }
       }
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) yr[i] = from_acc<T>(nb[i]);
+      write_out(isa, stream, yr, width, [&](int64_t i) { return from_acc<T>(nb[i]); });
       continue;
     }
+    T* out = stream ? reinterpret_cast<T*>(nb) : yr;  // fp32: the row in scratch, then streamed
     for (int64_t h = 0; h < sh.heads; ++h) {  // first and second halves of each head: x1, x2
       const T *x1 = xr + h * sh.stride_h, *x2 = x1 + half, *w1 = w + h * hd, *w2 = w1 + half;
-      T *y1 = yr + h * hd, *y2 = y1 + half;
+      T *y1 = out + h * hd, *y2 = y1 + half;
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d) {
         const A a = round_to<T>(to_acc(w1[d]) * round_to<T>(to_acc(x1[d]) * inv));
@@ -96,13 +98,15 @@ INSTELLA_INLINE void fwd_rows(const T* x, QKShape sh, const T* w, const typename
         y2[d] = from_acc<T>(b * c2[d] + a * s2[d]);
       }
     }
+    if (stream) stream_bytes(isa, yr, out, size_t(width) * sizeof(T));
   }
+  if (stream) stream_fence();
 }
 
 // Backward of a chunk of rows; part[0..width) receives the chunk's weight-gradient partial sums and
 // dn (width values) is scratch for dL/dn = w * (RoPE^T dy).
-template <class T>
-INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,
+template <class T, class Tag>
+INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,
                               const typename Acc<T>::type* freqs, const typename Acc<T>::type* rstd,
                               int64_t full_width, bool split, T* dx, typename Acc<T>::type* dss,
                               typename Acc<T>::type* part, typename Acc<T>::type* dn,
@@ -170,53 +174,60 @@ INSTELLA_INLINE void bwd_rows(const T* dy, QKShape gsh, const T* x, QKShape sh, 
     T* dxr = dx + r * width;
     if (split) {
       dss[r] = A(-0.5 * double(inv) * inv * inv * dot / double(full_width));
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) dxr[i] = from_acc<T>(inv * dn[i]);
+      write_out(isa, stream, dxr, width, [&](int64_t i) { return from_acc<T>(inv * dn[i]); });
     } else {
-      for (int64_t h = 0; h < sh.heads; ++h) {
+      for (int64_t h = 0; h < sh.heads; ++h) {  // dn becomes the gradient in Acc, then one row write
         const T* xh = xr + h * sh.stride_h;
+        A* gh = dn + h * hd;
 #pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) {
-          dxr[h * hd + d] = from_acc<T>(inv * dn[h * hd + d] - c * to_acc(xh[d]));
-        }
+        for (int64_t d = 0; d < hd; ++d) gh[d] = inv * gh[d] - c * to_acc(xh[d]);
       }
+      write_out(isa, stream, dxr, width, [&](int64_t i) { return from_acc<T>(dn[i]); });
     }
   }
+  if (stream) stream_fence();
 }
 
-#define INSTELLA_QK_WORKERS(T)                                                                      \
-  INSTELLA_CLONES void sumsq_chunk(const T* x, QKShape sh, Acc<T>::type* ss, int64_t r0,          \
-                                   int64_t r1) {                                                    \
-    for (int64_t r = r0; r < r1; ++r)                                                               \
-      ss[r] = Acc<T>::type(row_sumsq<T>(x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b, sh));        \
-  }                                                                                                 \
-  INSTELLA_CLONES void fwd_chunk(const T* x, QKShape sh, const T* w, const Acc<T>::type* freqs,   \
-                                 const Acc<T>::type* ss, int64_t fw, double eps, T* y,              \
-                                 Acc<T>::type* rstd, Acc<T>::type* cs, Acc<T>::type* sn,           \
-                                 Acc<T>::type* nb, int64_t r0, int64_t r1) {                        \
-    fwd_rows<T>(x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, nb, r0, r1);                         \
-  }                                                                                                 \
-  INSTELLA_CLONES void bwd_chunk(const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w,    \
-                                 const Acc<T>::type* freqs, const Acc<T>::type* rstd, int64_t fw,  \
-                                 bool split, T* dx, Acc<T>::type* dss, Acc<T>::type* part,         \
-                                 Acc<T>::type* dn, Acc<T>::type* cs, Acc<T>::type* sn,             \
-                                 Acc<T>::type* wide, int64_t r0, int64_t r1) {                      \
-    bwd_rows<T>(dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs, sn, wide, r0, r1);\
+// The workers, once per ISA level (isa.h).
+#define INSTELLA_QK_WORKERS(L, TARGET)                                                          \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void qk_sumsq_chunk(IsaTag<L>, const T* x, QKShape sh,                 \
+                                             typename Acc<T>::type* ss, int64_t r0, int64_t r1) { \
+    for (int64_t r = r0; r < r1; ++r) {                                                         \
+      const T* xr = x + (r / sh.b) * sh.stride_s + (r % sh.b) * sh.stride_b;                    \
+      ss[r] = typename Acc<T>::type(row_sumsq<T>(xr, sh));                                      \
+    }                                                                                           \
+  }                                                                                             \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void qk_fwd_chunk(                                                     \
+      IsaTag<L> isa, bool stream, const T* x, QKShape sh, const T* w,                           \
+      const typename Acc<T>::type* freqs, const typename Acc<T>::type* ss, int64_t fw,          \
+      double eps, T* y, typename Acc<T>::type* rstd, typename Acc<T>::type* cs,                 \
+      typename Acc<T>::type* sn, typename Acc<T>::type* nb, int64_t r0, int64_t r1) {           \
+    fwd_rows<T>(isa, stream, x, sh, w, freqs, ss, fw, eps, y, rstd, cs, sn, nb, r0, r1);        \
+  }                                                                                             \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void qk_bwd_chunk(                                                     \
+      IsaTag<L> isa, bool stream, const T* dy, QKShape gsh, const T* x, QKShape sh, const T* w, \
+      const typename Acc<T>::type* freqs, const typename Acc<T>::type* rstd, int64_t fw,        \
+      bool split, T* dx, typename Acc<T>::type* dss, typename Acc<T>::type* part,               \
+      typename Acc<T>::type* dn, typename Acc<T>::type* cs, typename Acc<T>::type* sn,          \
+      typename Acc<T>::type* wide, int64_t r0, int64_t r1) {                                    \
+    bwd_rows<T>(isa, stream, dy, gsh, x, sh, w, freqs, rstd, fw, split, dx, dss, part, dn, cs,  \
+                sn, wide, r0, r1);                                                              \
   }
-INSTELLA_QK_WORKERS(float)
-INSTELLA_QK_WORKERS(double)
-INSTELLA_QK_WORKERS(bf16)
+INSTELLA_FOR_EACH_ISA(INSTELLA_QK_WORKERS)
 
 }  // namespace
 
 void qk_sumsq(DType dt, const void* x, QKShape sh, void* ss) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int64_t rows = sh.s * sh.b, step = 16;
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
-      sumsq_chunk(static_cast<const T*>(x), sh, static_cast<A*>(ss), r0,
+      qk_sumsq_chunk(isa, static_cast<const T*>(x), sh, static_cast<A*>(ss), r0,
                   r0 + step < rows ? r0 + step : rows);
     }
   });
@@ -224,16 +235,17 @@ void qk_sumsq(DType dt, const void* x, QKShape sh, void* ss) {
 
 void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const void* freqs,
                       const void* ss, int64_t full_width, double eps, void* y, void* rstd) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int64_t rows = sh.s * sh.b, step = 16;
+    const bool stream = rows * sh.heads * sh.head_dim * int64_t(sizeof(T)) >= kStreamMinBytes;
 #pragma omp parallel
     {
       std::vector<A> scratch(2 * size_t(sh.head_dim) + size_t(sh.heads * sh.head_dim));
 #pragma omp for schedule(static)
       for (int64_t r0 = 0; r0 < rows; r0 += step) {
-        fwd_chunk(static_cast<const T*>(x), sh, static_cast<const T*>(w),
+        qk_fwd_chunk(isa, stream, static_cast<const T*>(x), sh, static_cast<const T*>(w),
                   static_cast<const A*>(freqs), static_cast<const A*>(ss), full_width, eps,
                   static_cast<T*>(y), static_cast<A*>(rstd), scratch.data(), scratch.data() + sh.head_dim,
                   scratch.data() + 2 * sh.head_dim, r0, r0 + step < rows ? r0 + step : rows);
@@ -245,13 +257,14 @@ void qk_norm_rope_fwd(DType dt, const void* x, QKShape sh, const void* w, const 
 void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKShape sh, const void* w,
                       const void* freqs, const void* rstd, int64_t full_width, bool split, void* dx,
                       void* dw, void* dss) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int64_t rows = sh.s * sh.b, width = sh.heads * sh.head_dim;
     const int64_t per = rows_per_chunk(rows);
     const int64_t chunks = rows == 0 ? 0 : (rows + per - 1) / per;
     std::vector<A> part(size_t(chunks) * size_t(width));
+    const bool stream = rows * width * int64_t(sizeof(T)) >= kStreamMinBytes;
 #pragma omp parallel
     {
       // dn [width], cos and sin [head_dim each], widened w, x and dy [width + 2 head_dim]
@@ -260,7 +273,7 @@ void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKSh
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
-        bwd_chunk(static_cast<const T*>(dy), gsh, static_cast<const T*>(x), sh,
+        qk_bwd_chunk(isa, stream, static_cast<const T*>(dy), gsh, static_cast<const T*>(x), sh,
                   static_cast<const T*>(w), static_cast<const A*>(freqs), static_cast<const A*>(rstd),
                   full_width, split, static_cast<T*>(dx), static_cast<A*>(dss),
                   part.data() + c * width, base, base + width, base + width + sh.head_dim,

@@ -8,14 +8,16 @@
 
 #include "cpu_common.h"
 #include "kernels.h"
+#include "stream.h"
 
 namespace instella {
 namespace cpu {
 namespace {
 
-template <class T>
-INSTELLA_INLINE void fwd_rows(const T* x, int64_t xs, const T* w, T* y, typename Acc<T>::type* rstd,
-                              int64_t r0, int64_t r1, int64_t n, double eps) {
+// stream: write y (dx) with streaming stores (stream.h).
+template <class T, class Tag>
+INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, const T* w, T* y,
+                              typename Acc<T>::type* rstd, int64_t r0, int64_t r1, int64_t n, double eps) {
   using A = typename Acc<T>::type;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * xs;
@@ -26,17 +28,17 @@ INSTELLA_INLINE void fwd_rows(const T* x, int64_t xs, const T* w, T* y, typename
       return v * v;
     });
     const A inv = A(1.0 / sqrt(ss.total() / double(n) + eps));
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      yr[i] = from_acc<T>(to_acc(w[i]) * round_to<T>(to_acc(xr[i]) * inv));
-    }
+    write_out(isa, stream, yr, n, [&](int64_t i) {
+      return from_acc<T>(to_acc(w[i]) * round_to<T>(to_acc(xr[i]) * inv));
+    });
     rstd[r] = inv;
   }
+  if (stream) stream_fence();
 }
 
 // One chunk of rows: dx for each row, and the chunk's partial weight gradient in part[0..n).
-template <class T>
-INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, const T* w,
+template <class T, class Tag>
+INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, int64_t dys, const T* x, int64_t xs, const T* w,
                               const typename Acc<T>::type* rstd, T* dx, typename Acc<T>::type* part,
                               int64_t r0, int64_t r1, int64_t n) {
   using A = typename Acc<T>::type;
@@ -55,39 +57,44 @@ INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, 
       return double(g * to_acc(w[i])) * double(xv);
     });
     const A c = A(double(inv) * inv * inv * dot.total() / double(n));
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      dxr[i] = from_acc<T>(inv * to_acc(gr[i]) * to_acc(w[i]) - c * to_acc(xr[i]));
-    }
+    write_out(isa, stream, dxr, n, [&](int64_t i) {
+      return from_acc<T>(inv * to_acc(gr[i]) * to_acc(w[i]) - c * to_acc(xr[i]));
+    });
   }
+  if (stream) stream_fence();
 }
 
-#define INSTELLA_RMS_WORKERS(T)                                                                   \
-  INSTELLA_CLONES void fwd_chunk(const T* x, int64_t xs, const T* w, T* y, Acc<T>::type* rstd,   \
-                                 int64_t r0, int64_t r1, int64_t n, double eps) {                 \
-    fwd_rows<T>(x, xs, w, y, rstd, r0, r1, n, eps);                                               \
-  }                                                                                               \
-  INSTELLA_CLONES void bwd_chunk(const T* dy, int64_t dys, const T* x, int64_t xs, const T* w,   \
-                                 const Acc<T>::type* rstd, T* dx, Acc<T>::type* part, int64_t r0, \
-                                 int64_t r1, int64_t n) {                                         \
-    bwd_rows<T>(dy, dys, x, xs, w, rstd, dx, part, r0, r1, n);                                    \
+// The workers, once per ISA level (isa.h).
+#define INSTELLA_RMS_WORKERS(L, TARGET)                                                         \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void rms_fwd_chunk(IsaTag<L> isa, bool stream, const T* x, int64_t xs, \
+                                            const T* w, T* y, typename Acc<T>::type* rstd,      \
+                                            int64_t r0, int64_t r1, int64_t n, double eps) {    \
+    fwd_rows<T>(isa, stream, x, xs, w, y, rstd, r0, r1, n, eps);                                \
+  }                                                                                             \
+  template <class T>                                                                            \
+  TARGET INSTELLA_WORKER void rms_bwd_chunk(IsaTag<L> isa, bool stream, const T* dy, int64_t dys, \
+                                            const T* x, int64_t xs, const T* w,                 \
+                                            const typename Acc<T>::type* rstd, T* dx,           \
+                                            typename Acc<T>::type* part, int64_t r0, int64_t r1, \
+                                            int64_t n) {                                        \
+    bwd_rows<T>(isa, stream, dy, dys, x, xs, w, rstd, dx, part, r0, r1, n);                     \
   }
-INSTELLA_RMS_WORKERS(float)
-INSTELLA_RMS_WORKERS(double)
-INSTELLA_RMS_WORKERS(bf16)
+INSTELLA_FOR_EACH_ISA(INSTELLA_RMS_WORKERS)
 
 }  // namespace
 
 void rms_norm_fwd(DType dt, const void* x, int64_t x_stride, const void* w, void* y, void* rstd,
                   int64_t rows, int64_t hidden, double eps) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int64_t step = 16;
+    const bool stream = rows * hidden * int64_t(sizeof(T)) >= kStreamMinBytes;
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
       const int64_t r1 = r0 + step < rows ? r0 + step : rows;
-      fwd_chunk(static_cast<const T*>(x), x_stride, static_cast<const T*>(w), static_cast<T*>(y),
+      rms_fwd_chunk(isa, stream, static_cast<const T*>(x), x_stride, static_cast<const T*>(w), static_cast<T*>(y),
                 static_cast<A*>(rstd), r0, r1, hidden, eps);
     }
   });
@@ -95,16 +102,17 @@ void rms_norm_fwd(DType dt, const void* x, int64_t x_stride, const void* w, void
 
 void rms_norm_bwd(DType dt, const void* dy, int64_t dy_stride, const void* x, int64_t x_stride,
                   const void* w, const void* rstd, void* dx, void* dw, int64_t rows, int64_t hidden) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int64_t per = rows_per_chunk(rows);
     const int64_t chunks = rows == 0 ? 0 : (rows + per - 1) / per;
     std::vector<A> part(size_t(chunks) * size_t(hidden));
+    const bool stream = rows * hidden * int64_t(sizeof(T)) >= kStreamMinBytes;
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
-      bwd_chunk(static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
+      rms_bwd_chunk(isa, stream, static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
                 static_cast<const T*>(w), static_cast<const A*>(rstd), static_cast<T*>(dx),
                 part.data() + c * hidden, r0, r1, hidden);
     }

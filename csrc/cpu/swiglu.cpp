@@ -6,69 +6,74 @@
 #include "cpu_common.h"
 #include "instella_kernels/math.h"
 #include "kernels.h"
+#include "stream.h"
 
 namespace instella {
 namespace cpu {
 namespace {
 
-template <class T>
-INSTELLA_INLINE void fwd_rows(const T* x, int64_t xs, T* y, int64_t f, int64_t r0, int64_t r1) {
+// Rows [r0, r1); stream: write y with streaming stores (stream.h).
+template <class T, class Tag>
+INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, T* y, int64_t f, int64_t r0,
+                              int64_t r1) {
   using A = typename Acc<T>::type;
   for (int64_t r = r0; r < r1; ++r) {
     const T* g = x + r * xs;
     const T* u = g + f;
-    T* yr = y + r * f;
-#pragma omp simd
-    for (int64_t i = 0; i < f; ++i) {
+    write_out(isa, stream, y + r * f, f, [&](int64_t i) {
       const A gv = to_acc(g[i]);
-      yr[i] = from_acc<T>(gv * sigmoid_acc(gv) * to_acc(u[i]));
-    }
+      return from_acc<T>(gv * sigmoid_acc(gv) * to_acc(u[i]));
+    });
   }
+  if (stream) stream_fence();
 }
 
-template <class T>
-INSTELLA_INLINE void bwd_rows(const T* dy, int64_t dys, const T* x, int64_t xs, T* dx, int64_t f,
-                              int64_t r0, int64_t r1) {
+template <class T, class Tag>
+INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, int64_t dys, const T* x, int64_t xs, T* dx,
+                              int64_t f, int64_t r0, int64_t r1) {
   using A = typename Acc<T>::type;
   for (int64_t r = r0; r < r1; ++r) {
     const T* g = x + r * xs;
     const T* u = g + f;
     const T* gy = dy + r * dys;
     T* dg = dx + r * 2 * f;
-    T* du = dg + f;
-#pragma omp simd
-    for (int64_t i = 0; i < f; ++i) {
+    write_out2(isa, stream, dg, dg + f, f, [&](int64_t i, T& dgi, T& dui) {
       const A gv = to_acc(g[i]), uv = to_acc(u[i]), dyv = to_acc(gy[i]);
       const A s = sigmoid_acc(gv);
       const A silu = gv * s;
       const A dsilu = s * (A(1) + gv * (A(1) - s));
-      dg[i] = from_acc<T>(dyv * uv * dsilu);
-      du[i] = from_acc<T>(dyv * silu);
-    }
+      dgi = from_acc<T>(dyv * uv * dsilu);
+      dui = from_acc<T>(dyv * silu);
+    });
   }
+  if (stream) stream_fence();
 }
 
-#define INSTELLA_SWIGLU_WORKERS(T)                                                                \
-  INSTELLA_CLONES void fwd_chunk(const T* x, int64_t xs, T* y, int64_t f, int64_t r0, int64_t r1) { \
-    fwd_rows<T>(x, xs, y, f, r0, r1);                                                             \
+// The workers, once per ISA level (isa.h).
+#define INSTELLA_SWIGLU_WORKERS(L, TARGET)                                                        \
+  template <class T>                                                                              \
+  TARGET INSTELLA_WORKER void swiglu_fwd_chunk(IsaTag<L> isa, bool stream, const T* x, int64_t xs, T* y, \
+                                               int64_t f, int64_t r0, int64_t r1) {               \
+    fwd_rows<T>(isa, stream, x, xs, y, f, r0, r1);                                                \
   }                                                                                               \
-  INSTELLA_CLONES void bwd_chunk(const T* dy, int64_t dys, const T* x, int64_t xs, T* dx,        \
-                                 int64_t f, int64_t r0, int64_t r1) {                             \
-    bwd_rows<T>(dy, dys, x, xs, dx, f, r0, r1);                                                   \
+  template <class T>                                                                              \
+  TARGET INSTELLA_WORKER void swiglu_bwd_chunk(IsaTag<L> isa, bool stream, const T* dy, int64_t dys,   \
+                                               const T* x, int64_t xs, T* dx, int64_t f, int64_t r0, \
+                                               int64_t r1) {                                      \
+    bwd_rows<T>(isa, stream, dy, dys, x, xs, dx, f, r0, r1);                                      \
   }
-INSTELLA_SWIGLU_WORKERS(float)
-INSTELLA_SWIGLU_WORKERS(double)
-INSTELLA_SWIGLU_WORKERS(bf16)
+INSTELLA_FOR_EACH_ISA(INSTELLA_SWIGLU_WORKERS)
 
 }  // namespace
 
 void swiglu_fwd(DType dt, const void* x, int64_t x_stride, void* y, int64_t rows, int64_t f) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     const int64_t step = 8;
+    const bool stream = rows * f * int64_t(sizeof(T)) >= kStreamMinBytes;
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
-      fwd_chunk(static_cast<const T*>(x), x_stride, static_cast<T*>(y), f, r0,
+      swiglu_fwd_chunk(isa, stream, static_cast<const T*>(x), x_stride, static_cast<T*>(y), f, r0,
                 r0 + step < rows ? r0 + step : rows);
     }
   });
@@ -76,12 +81,13 @@ void swiglu_fwd(DType dt, const void* x, int64_t x_stride, void* y, int64_t rows
 
 void swiglu_bwd(DType dt, const void* dy, int64_t dy_stride, const void* x, int64_t x_stride,
                 void* dx, int64_t rows, int64_t f) {
-  dispatch(dt, [&](auto tag) {
+  dispatch(dt, [&](auto tag, auto isa) {
     using T = decltype(tag);
     const int64_t step = 8;
+    const bool stream = rows * 2 * f * int64_t(sizeof(T)) >= kStreamMinBytes;
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
-      bwd_chunk(static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
+      swiglu_bwd_chunk(isa, stream, static_cast<const T*>(dy), dy_stride, static_cast<const T*>(x), x_stride,
                 static_cast<T*>(dx), f, r0, r0 + step < rows ? r0 + step : rows);
     }
   });

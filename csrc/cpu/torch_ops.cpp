@@ -4,7 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+
 #include "instella_kernels/torch_binding.h"
+#include "isa.h"
 #include "kernels.h"
 
 namespace instella {
@@ -62,8 +65,50 @@ TORCH_LIBRARY_IMPL(instella, CPU, m) {
   m.impl("swiglu_bwd", &instella::swiglu_bwd<B>);
 }
 
+// Which ISA level the ops dispatch to (isa.h), for kernels.dispatched_isa() and the logs.
+namespace {
+
+const char* const kOps[] = {"rms_norm", "qk_norm_rope", "swiglu"};
+
+// {op: level name} of the next call of each op: INSTELLA_CPU_ISA or the best level of this CPU.
+// An unknown or unsupported INSTELLA_CPU_ISA raises ValueError saying which levels run here.
+PyObject* dispatched_isa(PyObject*, PyObject*) {
+  int level;
+  try {
+    level = instella::cpu::dispatch_isa();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  PyObject* out = PyDict_New();
+  for (const char* op : kOps) {
+    PyObject* name = PyUnicode_FromString(instella::cpu::isa_name(level));
+    PyDict_SetItemString(out, op, name);
+    Py_DECREF(name);
+  }
+  return out;
+}
+
+// The levels this CPU runs, best first (those INSTELLA_CPU_ISA may name).
+PyObject* supported_isas(PyObject*, PyObject*) {
+  PyObject* out = PyList_New(0);
+  for (int l = instella::cpu::best_isa(); l >= 0; --l) {
+    PyObject* name = PyUnicode_FromString(instella::cpu::isa_name(l));
+    PyList_Append(out, name);
+    Py_DECREF(name);
+  }
+  return out;
+}
+
+PyMethodDef kMethods[] = {
+    {"dispatched_isa", dispatched_isa, METH_NOARGS, "{op: ISA level its next call runs}"},
+    {"supported_isas", supported_isas, METH_NOARGS, "ISA levels this CPU runs, best first"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // Importing the module (instella_plugin.kernels._cpu) runs the registration above.
 PyMODINIT_FUNC PyInit__cpu(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_cpu", "instella CPU kernels", -1, nullptr};
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_cpu", "instella CPU kernels", -1, kMethods};
   return PyModule_Create(&def);
 }

@@ -3,14 +3,17 @@
 Each is a ``torch.ops.instella`` operator (see ``ops.py``) with forward and backward, native where
 the csrc/ extension is built (CPU: C++/OpenMP; GPU: CUDA, or HIP on ROCm) and PyTorch elsewhere.
 These functions are the public entry points; ``modules.py`` wraps them as Megatron spec modules.
+On the CPU each kernel is compiled for several x86 levels and dispatched per call; ``dispatched_isa()``
+says which runs (``INSTELLA_CPU_ISA=avx512|avx2|baseline`` forces one, e.g. to time or test it).
 """
 from typing import Callable, Optional
 
 import torch
 
-from instella_plugin.kernels.ops import native_devices, ops
+from instella_plugin.kernels.ops import dispatched_isa, native_devices, ops, supported_isas
 
-__all__ = ["rms_norm", "qk_norm_rope", "qk_norm_rope_tp", "swiglu", "native_devices"]
+__all__ = ["rms_norm", "qk_norm_rope", "qk_norm_rope_tp", "swiglu", "native_devices", "dispatched_isa",
+           "supported_isas", "backend", "describe_backend"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -45,3 +48,15 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 def backend(device: Optional[str] = "cpu") -> str:
     """"native" when a compiled kernel serves ``device``, else "fallback"."""
     return "native" if device in native_devices() else "fallback"
+
+
+def describe_backend(device: Optional[str] = "cpu") -> str:
+    """``backend(device)`` plus, for the native CPU kernels, the x86 level each runs, e.g.
+    ``"native (avx512: rms_norm, qk_norm_rope, swiglu)"``: what a log line should name."""
+    name = backend(device)
+    if name != "native" or device != "cpu":
+        return name
+    by_level = {}
+    for kernel, level in dispatched_isa().items():
+        by_level.setdefault(level, []).append(kernel)
+    return f"{name} ({'; '.join(f'{lvl}: ' + ', '.join(ks) for lvl, ks in by_level.items())})"

@@ -18,6 +18,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = ("cpu", "cuda", "all", "none")
+# -fno-trapping-math: the kernels never read floating-point exception flags, and without it GCC
+# keeps the clamps of exp (math.h) as branches, so the SwiGLU loops do not vectorise below AVX-512;
+# -fno-math-errno: nor errno, so sqrt is one instruction (no library call for negative inputs).
+# The ISA levels are per-function target attributes (csrc/cpu/isa.h), not flags.
+CPU_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 
 
 def _log(msg: str) -> None:
@@ -66,7 +71,7 @@ def extension_modules():
     if "cpu" in wanted:
         exts.append(cpp_extension.CppExtension(
             "instella_plugin.kernels._cpu", cpu_sources(), include_dirs=include,
-            extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]))
+            extra_compile_args=CPU_FLAGS, extra_link_args=["-fopenmp"]))
         built.append("cpu")
     if "gpu" in wanted:
         gpu_flavour = "cuda" if torch.version.cuda else ("rocm" if torch.version.hip else None)

@@ -168,10 +168,29 @@ def _load(name: str):
         return None
 
 
-NATIVE = {"cpu": _load("_cpu") is not None}
+_CPU = _load("_cpu")
+NATIVE = {"cpu": _CPU is not None}
 NATIVE["cuda"] = torch.cuda.is_available() and _load("_gpu") is not None
+KERNELS = ("rms_norm", "qk_norm_rope", "swiglu")
 
 
 def native_devices() -> list:
     """Device types served by a native kernel in this process."""
     return sorted(d for d, ok in NATIVE.items() if ok)
+
+
+def dispatched_isa() -> dict:
+    """``{kernel: variant}`` that the next CPU call of each kernel runs: the x86 level of the native
+    kernel (``"avx512"`` = x86-64-v4's vector set, ``"avx2"`` = x86-64-v3's, ``"baseline"`` = SSE2),
+    as the C++ dispatch picks it at that call (the best this CPU runs, or ``INSTELLA_CPU_ISA``), or
+    ``"fallback"`` without the native CPU kernel. Raises ValueError when ``INSTELLA_CPU_ISA`` names
+    an unknown level or one this CPU does not run."""
+    if _CPU is None:
+        return dict.fromkeys(KERNELS, "fallback")
+    return _CPU.dispatched_isa()
+
+
+def supported_isas() -> list:
+    """The levels ``INSTELLA_CPU_ISA`` may name on this CPU, best first (``[]`` without the native
+    CPU kernel)."""
+    return [] if _CPU is None else _CPU.supported_isas()

@@ -10,7 +10,6 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from megatron.core.datasets import helpers
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -50,6 +49,10 @@ class WeightedSamples:
     """Deterministic weighted interleaving of map-style datasets (megatron's blending helper)."""
 
     def __init__(self, datasets: list, weights: Optional[List[float]], size: int):
+        # imported here: under upstream Megatron-LM this compiled module exists only once its
+        # compile_helpers ran, after this package is imported
+        from megatron.core.datasets import helpers
+
         weights = np.asarray(weights or [len(d) for d in datasets], dtype=np.float64)
         weights = weights / weights.sum()
         self.datasets = datasets

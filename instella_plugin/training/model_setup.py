@@ -68,5 +68,5 @@ def describe(chunks: List[torch.nn.Module], device_type: str = "cpu") -> str:
     text += "; layer: " + ", ".join(parts)
     modules = (layer.input_layernorm, att, mlp, getattr(att, "q_layernorm", None))
     if any(type(m).__module__.startswith("instella_plugin.kernels") for m in modules if m is not None):
-        text += f"; fused kernels: {kernels.backend(device_type)}"
+        text += f"; fused kernels: {kernels.describe_backend(device_type)}"
     return text
