@@ -105,8 +105,11 @@ def split_blend(values: Sequence[str]):
         return tuple(values), None
 
 
-def build_run_config(namespace, explicit, plugin, world_size: int) -> RunConfig:
-    """The frozen run configuration; ``SystemExit`` naming the problem and the fix on bad input."""
+def build_run_config(namespace, explicit, plugin, world_size: int, check_schedule: bool = True) -> RunConfig:
+    """The frozen run configuration; ``SystemExit`` naming the problem and the fix on bad input.
+
+    ``check_schedule=False`` leaves the schedule's own checks (iterations and LR given, warmup shorter
+    than decay) to a host trainer that makes them itself (Megatron-LM's ``validate_args``)."""
     flags = Settings(vars(namespace))
     explicit = frozenset(explicit)
     try:
@@ -118,7 +121,7 @@ def build_run_config(namespace, explicit, plugin, world_size: int) -> RunConfig:
                               max_position_embeddings=flags.max_position_embeddings or model.seq_length)
         data = plugin.data_plan(flags, model)
         flags = flags.replace(**plugin.derived_values(flags, model, data))
-        flags = _resolve_schedule(flags, world_size)
+        flags = _resolve_schedule(flags, world_size, check_schedule)
         layout = ParallelLayout(world_size, flags.tensor_model_parallel_size, flags.pipeline_model_parallel_size,
                                 flags.context_parallel_size, flags.micro_batch_size, flags.global_batch_size,
                                 layers_per_virtual_stage=flags.num_layers_per_virtual_pipeline_stage,
@@ -145,8 +148,30 @@ def _recipe_values(recipe, flags, explicit) -> dict:
     return values
 
 
-def _resolve_schedule(flags: Settings, world_size: int) -> Settings:
+def _resolve_schedule(flags: Settings, world_size: int, check: bool = True) -> Settings:
     """Defaults that follow from other flags: the global batch, warmup from a fraction, decay length."""
+    if check:
+        _check_schedule(flags)
+    values = {}
+    if flags.global_batch_size is None:
+        model_parallel = flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size * \
+            flags.context_parallel_size
+        values["global_batch_size"] = flags.micro_batch_size * max(world_size // model_parallel, 1)
+    warmup = flags.lr_warmup_iters
+    if flags.lr_warmup_fraction is not None and flags.train_iters is not None:
+        warmup = values["lr_warmup_iters"] = int(math.ceil(flags.lr_warmup_fraction * flags.train_iters))
+    decay = flags.lr_decay_iters
+    if decay is None:
+        decay = values["lr_decay_iters"] = flags.train_iters
+    if check and warmup >= decay:
+        raise ValueError(f"--lr-warmup-iters {warmup} must be smaller than --lr-decay-iters {decay} (defaults to "
+                         "--train-iters)")
+    if flags.sequence_parallel and flags.tensor_model_parallel_size == 1:
+        values["sequence_parallel"] = False
+    return flags.replace(**values)
+
+
+def _check_schedule(flags: Settings) -> None:
     if flags.train_iters is None:
         raise ValueError("--train-iters is required (or a recipe that sets it)")
     if flags.lr is None:
@@ -156,23 +181,6 @@ def _resolve_schedule(flags: Settings, world_size: int) -> Settings:
         if value is not None and value > flags.lr:
             raise ValueError(f"--{flag.replace('_', '-')} {value:g} is above --lr {flags.lr:g} (a recipe may have "
                              "set one of them); give both")
-    values = {}
-    if flags.global_batch_size is None:
-        model_parallel = flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size * \
-            flags.context_parallel_size
-        values["global_batch_size"] = flags.micro_batch_size * max(world_size // model_parallel, 1)
-    warmup = flags.lr_warmup_iters
-    if flags.lr_warmup_fraction is not None:
-        warmup = values["lr_warmup_iters"] = int(math.ceil(flags.lr_warmup_fraction * flags.train_iters))
-    decay = flags.lr_decay_iters
-    if decay is None:
-        decay = values["lr_decay_iters"] = flags.train_iters
-    if warmup >= decay:
-        raise ValueError(f"--lr-warmup-iters {warmup} must be smaller than --lr-decay-iters {decay} (defaults to "
-                         "--train-iters)")
-    if flags.sequence_parallel and flags.tensor_model_parallel_size == 1:
-        values["sequence_parallel"] = False
-    return flags.replace(**values)
 
 
 def _check_run(run: RunConfig) -> None:

@@ -314,7 +314,8 @@ def run_config_from_megatron_args(args, explicit, plugin):
         raise SystemExit(f"error: --cp-comm-type {' '.join(cp_types)}: with --plugin give one type for all layers")
     values["cp_comm_type"] = cp_types[0]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return build_run_config(argparse.Namespace(**{**ours, **values}), explicit, plugin, world)
+    # Megatron-LM checks its own schedule (and may count samples instead of iterations)
+    return build_run_config(argparse.Namespace(**{**ours, **values}), explicit, plugin, world, check_schedule=False)
 
 
 def _write_back(args, run, tcfg) -> None:
