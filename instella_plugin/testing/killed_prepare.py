@@ -19,8 +19,8 @@ def kill_prepare_mid_write(texts: Iterable[str], prefix: str, fifo: str, extra_a
                            midway: Optional[Callable[[], None]] = None, timeout: float = 120) -> int:
     """Run the prepare onto ``prefix`` reading ``texts`` from the FIFO ``fifo``; its return code (-9)."""
     os.mkfifo(fifo)
-    cmd = [sys.executable, "-m", "instella_plugin.cli", "data", "prepare", fifo, "--output-prefix", prefix,
-           "--no-progress", *extra_args]
+    instella = os.path.join(os.path.dirname(sys.executable), "instella")  # the installed command
+    cmd = [instella, "data", "prepare", fifo, "--output-prefix", prefix, "--no-progress", *extra_args]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=subprocess.PIPE)
     deadline, fd, partial = time.time() + timeout, None, prefix + ".bin.partial"
 
