@@ -72,7 +72,7 @@ def test_log_parser_reads_the_trainers_progress_line():
     cfg = get_preset("instella-test")
     args = SimpleNamespace(save=None, tensorboard_dir=None, wandb_project=None, log_interval=2, train_iters=4,
                            global_batch_size=3, no_plot=True)
-    p = Progress(args, cfg, 0, True)
+    p = Progress(SimpleNamespace(flags=args, model=cfg), 0, True)
     buf = io.StringIO()
     with redirect_stdout(buf):
         for it in range(1, 5):
