@@ -5,7 +5,8 @@ error of the fused op (forward and every gradient) must be within 2x the error P
 computing the same function in the same precision (plus a floor of a quarter ulp, for cases where
 PyTorch happens to be exact). The same bound holds for the PyTorch fallback. Plus gradcheck in fp64
 and bitwise determinism across runs and thread counts. The fused kernels' tests run once per x86 level
-this CPU supports (avx512, avx2, baseline: INSTELLA_CPU_ISA, read by the dispatch at every call).
+this CPU supports (avx512, avx2, baseline: INSTELLA_CPU_ISA, read by the dispatch at every call): the
+best in the default tier, the others in the slow one.
 """
 import pytest
 import torch
@@ -18,7 +19,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 LEVELS = K.supported_isas() or ["fallback"]  # "fallback": no native CPU kernel, nothing to force
 
 
-@pytest.fixture(params=LEVELS)
+# The level this CPU dispatches to runs in `make test`; the lower ones it can also run, in the slow tier.
+@pytest.fixture(params=[pytest.param(lv, marks=[pytest.mark.slow] if i else []) for i, lv in enumerate(LEVELS)])
 def level(request, monkeypatch):
     """Runs the test with the CPU kernels forced to one ISA level."""
     if request.param != "fallback":
