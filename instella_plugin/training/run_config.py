@@ -53,7 +53,8 @@ class Settings:
         raise AttributeError(f"the run configuration is frozen: cannot set {name!r} (return values from the "
                              "plugin hook instead)")
 
-    __delattr__ = __setattr__
+    def __delattr__(self, name):
+        raise AttributeError(f"the run configuration is frozen: cannot delete {name!r}")
 
     def __contains__(self, name) -> bool:
         return name in self._values
