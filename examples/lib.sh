@@ -34,6 +34,7 @@ load_env_preset() {
 check_layout() {
   local out
   out=$("$PYTHON" -m instella_plugin.training.layout check "$@") || return 1
+  # shellcheck disable=SC2034  # DP and ACC are read by the launchers that source this file
   read -r DP ACC <<<"${out%%$'\n'*}"
   echo "${out#*$'\n'}"
 }
