@@ -5,8 +5,10 @@ Each module of ``instella_plugin`` belongs to a component (its first name under 
 own component and any component of a lower layer, and a component of its own layer only by an
 arrow listed in ``SIDEWAYS`` with its reason::
 
-    4  edge       cli, demo                                   command lines that start everything
-    3  tools      plugin, hf, upstream, launch, testing       each apart from the others
+    6  edge       cli, demo                                   command lines that start everything
+    5  plugin     the Instella plugin: composes recipes, objectives and evaluation
+    4  uses       evaluation, rl, synth                      what is built on generation
+    3  tools      hf, upstream, launch, testing, inference    each apart from the others
     2  training   the trainer
     1  leaves     model, data, rope, kernels                  sideways only by SIDEWAYS
     0  base       the package root, checkpoint_layout, checkpoint_check, patching, flag_types, cpu_mode,
@@ -31,8 +33,10 @@ LAYERS = {
     "megatron_fixes": 0,
     "model": 1, "data": 1, "rope": 1, "kernels": 1,
     "training": 2,
-    "plugin": 3, "hf": 3, "upstream": 3, "launch": 3, "testing": 3,
-    "cli": 4, "demo": 4,
+    "hf": 3, "upstream": 3, "launch": 3, "testing": 3, "inference": 3,
+    "evaluation": 4, "rl": 4, "synth": 4,
+    "plugin": 5,
+    "cli": 6, "demo": 6,
 }
 SIDEWAYS = {
     ("checkpoint_check", "checkpoint_layout"): "checking a save directory reads the layout's names",
