@@ -29,9 +29,8 @@ _FIXED_BY_MODEL = {
     "position_embedding_type": ("rope", "Instella uses rotary position embeddings"),
 }
 # Megatron-LM switches that describe Instella's architecture (SwiGLU, no linear biases, untied output
-# layer): given, they agree with the model; left out, the model is still Instella's. (Listed here so the
-# flag-coverage test sees them accounted for.)
-_IMPLIED_BY_MODEL = ("swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights")
+# layer): the run's settings always say so, whether or not they were given (they can only be switched on).
+_SWITCHES_OF_MODEL = {"swiglu": True, "disable_bias_linear": True, "untie_embeddings_and_output_weights": True}
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
               "padded_vocab_size")
 
@@ -92,8 +91,10 @@ class InstellaPlugin(GPTPlugin):
 
     def derived_values(self, flags, model, data) -> dict:
         """Weight decay on every parameter (``--decay-all-params``) and iteration counts given as
-        ``epoch`` / ``epoch:N`` (one or N passes over the blend)."""
-        values = {"wd_exempt_1d": not flags.decay_all_params} if flags.wd_exempt_1d is None else {}
+        ``epoch`` / ``epoch:N`` (one or N passes over the blend); the architecture's switches set."""
+        values = dict(_SWITCHES_OF_MODEL)
+        if flags.wd_exempt_1d is None:
+            values["wd_exempt_1d"] = not flags.decay_all_params
         for key in ("train_iters", "lr_decay_iters"):
             spec = getattr(flags, key)
             if not isinstance(spec, str):

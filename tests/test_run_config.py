@@ -39,6 +39,8 @@ def test_run_config_is_frozen_and_the_parsed_namespace_is_never_written(monkeypa
     run = run_config.build_run_config(namespace, arguments.explicit_dests(parser, argv), plugin, 1)
     assert vars(namespace) == before  # the recipe, the model and derived values went into the config only
     assert run.flags.num_layers == run.model.num_layers == 4 and run.flags.wd_exempt_1d is False
+    assert "--swiglu" not in argv and run.flags.swiglu and run.flags.disable_bias_linear  # the model's switches
+    assert run.flags.untie_embeddings_and_output_weights
     assert (run.flags.lr_warmup_iters, run.layout.global_batch_size, run.recipe["name"]) == (20, 4, "tiny-cpu")
     with pytest.raises(AttributeError, match="frozen"):
         run.flags.lr = 1.0
