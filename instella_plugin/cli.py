@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from instella_plugin.megatron_import import import_megatron_core
+
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "data": ("instella_plugin.data.cli", "tokenise to Megatron .bin/.idx, index token files, resolve blends, format SFT"),
@@ -17,6 +19,9 @@ SUBCOMMANDS = {
     "submit": ("instella_plugin.launch.submit", "Slurm batch submission from a recipe and a cluster profile"),
     "train": ("instella_plugin.training.entry", "the trainer (same as pretrain_gpt.py --plugin instella)"),
 }
+# Subcommands whose work imports megatron-core: imported first with torch.compile deferred (see
+# megatron_import); the others (and every --help) never import it.
+NEEDS_MEGATRON = {"data", "convert", "merge", "train"}
 
 
 def main(argv=None) -> int:
@@ -31,6 +36,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name = argv[0]
+    if name in NEEDS_MEGATRON and not {"-h", "--help"} & set(argv[1:]):
+        import_megatron_core()
     module = importlib.import_module(SUBCOMMANDS[name][0])
     if hasattr(module, "main"):
         return module.main(argv[1:]) or 0

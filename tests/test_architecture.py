@@ -12,7 +12,7 @@ arrow listed in ``SIDEWAYS`` with its reason::
     2  training   the trainer
     1  leaves     model, data, rope, kernels                  sideways only by SIDEWAYS
     0  base       the package root, checkpoint_layout, checkpoint_check, patching, flag_types, cpu_mode,
-                  megatron_fixes: small modules used everywhere
+                  megatron_fixes, megatron_import: small modules used everywhere
 
 Every import of ``instella_plugin...`` counts: module level, inside functions, and a string naming a
 module (``importlib.import_module`` in ``cli.py``). Cycles count every arrow that runs at import or
@@ -30,7 +30,7 @@ PACKAGE = "instella_plugin"
 
 LAYERS = {
     "": 0, "checkpoint_layout": 0, "checkpoint_check": 0, "patching": 0, "flag_types": 0, "cpu_mode": 0,
-    "megatron_fixes": 0,
+    "megatron_fixes": 0, "megatron_import": 0,
     "model": 1, "data": 1, "rope": 1, "kernels": 1,
     "training": 2,
     "hf": 3, "upstream": 3, "launch": 3, "testing": 3, "inference": 3,
