@@ -44,6 +44,9 @@ SIDEWAYS = {
     ("megatron_fixes", "patching"): "the fixes to megatron-core are patches of the registry",
     ("kernels", "model"): "the fused modules are drop-in versions of the model's (InstellaRMSNorm, full-width "
                           "QK-norm) and the fused spec starts from the model's spec",
+    ("rl", "evaluation"): "GRPO's reward is the answer checker that pass@k evaluation uses, and GRPO runs "
+                          "downstream evaluation between steps",
+    ("synth", "evaluation"): "synthesised data is decontaminated against the evaluation tasks' test sets",
 }
 LAZY_AT_EDGE = {
     "instella_plugin.data.cli": "each action's module imports megatron-core's dataset code (seconds); "
