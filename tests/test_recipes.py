@@ -230,3 +230,110 @@ def test_bad_load_directories(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     assert resolve_load(run, plugin) == (None, False)
+
+
+# ---- every number of every recipe against the official values ------------------------------------------
+# One row per recipe key: the value the official run used (configs of AMD-AIG-AIMA/Instella, INSTELLA.md)
+# or, for keys that are this project's own choices (memory layout, logging, naming), the value chosen
+# here, listed in OURS with the reason. A recipe file that changes a number, adds a key or drops one
+# fails test_recipe_values_equal_the_official_table until this table says why.
+_BASE_OPTIM = dict(weight_decay=0.1, decay_all_params=True, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+                   clip_grad=1.0, bf16=True, use_distributed_optimizer=True)
+OFFICIAL = {
+    # instella-3b-pretrain-stage1.yaml: 4e-4 peak, 2000 warmup from 0.1x, cosine to 4e-5, one epoch
+    "stage1": dict(model_preset="instella-3b", seq_length=4096, global_batch_size=1024, lr=4e-4, min_lr=4e-5,
+                   lr_warmup_iters=2000, lr_warmup_init=4e-5, lr_decay_style="cosine", train_iters="epoch",
+                   lr_decay_iters="epoch", **_BASE_OPTIM, seed=6198, data_blend="stage1", rotary_base=10000),
+    # instella-3b-pretrain-stage2-seed-*.yaml: linear 4e-5 -> 0 over 13,727 steps, optimizer state kept
+    "stage2": dict(model_preset="instella-3b", seq_length=4096, global_batch_size=1024, lr=4e-5, min_lr=0.0,
+                   lr_warmup_iters=0, lr_warmup_init=4e-5, lr_decay_style="linear", train_iters=13727,
+                   lr_decay_iters=13727, **_BASE_OPTIM, reset_iteration=True, seed=6198,
+                   seeds=[5796, 6198, 8915], data_blend="stage2", rotary_base=10000),
+    # instella-3b-sft.yaml: lr 1e-5, linear_with_warmup t_warmup 500 (from 0.1x peak), alpha_f 0.001,
+    # 3 epochs, batch 128 of 4096, trainer and optimizer state reset
+    "sft": dict(model_preset="instella-3b", dataset_type="sft", seq_length=4096, global_batch_size=128, lr=1e-5,
+                min_lr=1e-8, lr_warmup_iters=500, lr_warmup_init=1e-6, lr_decay_style="linear",
+                train_iters="epochs:3", lr_decay_iters="epochs:3", **_BASE_OPTIM, finetune=True, seed=6198,
+                data_blend="sft", rotary_base=10000),
+    # instella-3b-dpo.yaml + open-instruct dpo_tune defaults: dpo_norm, beta 5, 2048, 8 x 2 x 32 = 128,
+    # lr 5e-7, warmup_ratio 0.1 from 0, linear to 0, wd 0, torch AdamW (0.9, 0.999, 1e-8), 1 epoch, seed 42
+    "dpo": dict(model_preset="instella-3b", dataset_type="dpo", dpo_loss="dpo_norm", dpo_beta=5.0, seq_length=2048,
+                global_batch_size=128, lr=5e-7, min_lr=0.0, lr_warmup_fraction=0.1, lr_warmup_init=0.0,
+                lr_decay_style="linear", train_iters="epochs:1", lr_decay_iters="epochs:1", weight_decay=0.0,
+                adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, clip_grad=1.0, bf16=True,
+                use_distributed_optimizer=True, finetune=True, seed=42, rotary_base=10000),
+    # instella-3b-long-pretrain-phase1.yaml: 64K, theta 514,640, 5000 x 64, lr 2e-5 warmup 500 from 2e-6
+    "long-phase1": dict(model_preset="instella-3b", seq_length=65536, max_position_embeddings=65536,
+                        rotary_base=514640, rope_schedule="stepwise", override_rope_theta=True, packed_documents=True,
+                        global_batch_size=64, context_parallel_size=1, cp_comm_type="a2a", recompute_granularity="full",
+                        lr=2e-5, min_lr=2e-8, lr_warmup_iters=500, lr_warmup_init=2e-6, lr_decay_style="linear",
+                        train_iters=5000, lr_decay_iters=5000, finetune=True, **_BASE_OPTIM, seed=6198,
+                        data_blend="long-phase1"),
+    # instella-3b-long-pretrain-phase2.yaml: 256K over 4 sequence-parallel ranks, theta 3,691,950, 2500 x 32
+    "long-phase2": dict(model_preset="instella-3b", seq_length=262144, max_position_embeddings=262144,
+                        rotary_base=3691950, rope_schedule="stepwise", override_rope_theta=True, packed_documents=True,
+                        global_batch_size=32, context_parallel_size=4, cp_comm_type="a2a", recompute_granularity="full",
+                        lr=2e-5, min_lr=2e-8, lr_warmup_iters=250, lr_warmup_init=2e-6, lr_decay_style="linear",
+                        train_iters=2500, lr_decay_iters=2500, reset_iteration=True, **_BASE_OPTIM, seed=6198,
+                        data_blend="long-phase2"),
+    # no official counterpart: the CPU demo, stage 1's shape at tiny size (warmup from 0.1x peak, cosine)
+    "tiny-cpu": dict(model_preset="instella-tiny", seq_length=128, global_batch_size=4, tensor_model_parallel_size=2,
+                     lr=3e-3, min_lr=3e-4, lr_warmup_iters=20, lr_warmup_init=3e-4, lr_decay_style="cosine",
+                     train_iters=200, weight_decay=0.1, decay_all_params=True, adam_beta1=0.9, adam_beta2=0.95,
+                     adam_eps=1e-8, clip_grad=1.0, seed=6198, data_blend="tiny", rotary_base=10000),
+}
+# Keys that are this project's choices, not official numbers (value per recipe, reason once).
+OURS = {
+    "micro_batch_size": ("memory per device; the global batch is the official number",
+                         {"stage1": 4, "stage2": 4, "sft": 4, "dpo": 2, "long-phase1": 1, "long-phase2": 1, "tiny-cpu": 2}),
+    "save_interval": ("checkpoint cadence", {"stage1": 1000, "stage2": 1000, "sft": 1000, "dpo": 500,
+                                             "long-phase1": 500, "long-phase2": 250, "tiny-cpu": 100}),
+    "log_interval": ("logging cadence", {r: 10 for r in OFFICIAL}),
+    "eval_interval": ("validation cadence", {"stage1": 1000, "stage2": 1000, "tiny-cpu": 100}),
+    "eval_iters": ("validation size", {"stage1": 10, "stage2": 10, "tiny-cpu": 2}),
+    "recompute_method": ("how megatron spreads full activation checkpointing", {"long-phase1": "uniform",
+                                                                                "long-phase2": "uniform"}),
+    "recompute_num_layers": ("checkpoint every layer", {"long-phase1": 1, "long-phase2": 1}),
+}
+
+
+def _table_row(recipe, key):
+    if key in OFFICIAL[recipe]:
+        return OFFICIAL[recipe][key]
+    if key in OURS and recipe in OURS[key][1]:
+        return OURS[key][1][recipe]
+    raise KeyError(key)
+
+
+def test_every_bundled_recipe_has_a_table():
+    from instella_plugin.training.recipes import known_recipes
+
+    missing = sorted(set(known_recipes()) - set(OFFICIAL))
+    assert not missing, f"recipes with no official values in tests/test_recipes.py OFFICIAL: {missing}"
+
+
+@pytest.mark.parametrize("recipe", sorted(OFFICIAL))
+def test_recipe_values_equal_the_official_table(recipe):
+    from instella_plugin.training.recipes import load_recipe
+
+    values = {k: v for k, v in load_recipe(recipe).items() if k not in ("name", "description")}
+    table = dict(OFFICIAL[recipe], **{k: rows[recipe] for k, (_, rows) in OURS.items() if recipe in rows})
+    extra = sorted(set(values) - set(table))
+    missing = sorted(set(table) - set(values))
+    assert not extra, f"{recipe}: keys with no row in the official table: {extra}"
+    assert not missing, f"{recipe}: official keys the recipe lacks: {missing}"
+    wrong = {k: (values[k], _table_row(recipe, k)) for k in values
+             if not (values[k] == _table_row(recipe, k) and type(values[k]) is type(_table_row(recipe, k))
+                     or isinstance(values[k], float) and values[k] == pytest.approx(_table_row(recipe, k), rel=1e-12))}
+    assert not wrong, f"{recipe}: recipe value != official value: {wrong}"
+
+
+def test_fidelity_rows_of_sft_and_dpo(monkeypatch):
+    """The rows a check against the official configs corrected, through the parsed run config."""
+    sft = _parse("--plugin", "instella", "--instella-recipe", "sft", "--mock-data", "--train-iters", 1000,
+                 "--lr-decay-iters", 1000, world=32, monkeypatch=monkeypatch)
+    assert sft.lr_warmup_init == pytest.approx(0.1 * sft.lr) == pytest.approx(1e-6)
+    dpo = _parse("--plugin", "instella", "--instella-recipe", "dpo", "--mock-data", "--train-iters", 1000,
+                 "--lr-decay-iters", 1000, world=32, monkeypatch=monkeypatch)
+    assert (dpo.adam_beta1, dpo.adam_beta2, dpo.adam_eps, dpo.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
+    assert (dpo.dpo_beta, dpo.dpo_loss, dpo.seq_length, dpo.global_batch_size, dpo.lr) == (5.0, "dpo_norm", 2048, 128, 5e-7)
