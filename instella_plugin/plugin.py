@@ -15,7 +15,8 @@ from instella_plugin.model.build import build_gpt_chunks
 from instella_plugin.model.config import InstellaConfig, get_preset
 from instella_plugin.model.context_parallel import batch_for_cp_rank, check_cp_layout
 from instella_plugin.model.packed_attention import packed_seq_params_from_tokens
-from instella_plugin.rope.apply import rope_meta, set_rotary_base, theta_on_resume
+from instella_plugin.rope.apply import rope_meta, set_rope_scaling, set_rotary_base, theta_on_resume
+from instella_plugin.rope.methods import METHODS, RopeScaling, RopeScalingError
 from instella_plugin.rope.schedule import RopeSchedule
 from instella_plugin.training import dpo
 from instella_plugin.training.datasets import WeightedSamples
@@ -63,6 +64,15 @@ class InstellaPlugin(GPTPlugin):
                        help="output layer + cross-entropy chunked over tokens, never holding the whole logits")
         g.add_argument("--packed-documents", action="store_true",
                        help="mask attention between the documents of a packed sequence (positions run on)")
+        g.add_argument("--rope-scaling", default="base-law", choices=METHODS,
+                       help="RoPE context extension: base-law (the recipe's theta, Instella-Long), linear "
+                            "(position interpolation), ntk (NTK-aware base), yarn")
+        g.add_argument("--rope-scaling-factor", type=float,
+                       help="extension factor (default: --seq-length / --rope-original-context)")
+        g.add_argument("--rope-original-context", type=int, default=4096,
+                       help="context the starting model was trained at (4096)")
+        g.add_argument("--yarn-beta-fast", type=float, default=32.0, help="YaRN beta_fast (32)")
+        g.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN beta_slow (1)")
 
     # ---- configuration -------------------------------------------------------------------------------
     def recipe(self, flags):
@@ -114,9 +124,17 @@ class InstellaPlugin(GPTPlugin):
 
     def plugin_values(self, flags, model) -> dict:
         try:
-            return {"rope": RopeSchedule.parse(flags.rope_schedule, model.rotary_base)}
+            schedule = RopeSchedule.parse(flags.rope_schedule, model.rotary_base)
         except ValueError as e:
             raise SystemExit(f"error: --rope-schedule: {e}")
+        try:
+            scaling = RopeScaling.for_context(flags.rope_scaling, model.seq_length, flags.rope_original_context,
+                                              flags.rope_scaling_factor, beta_fast=flags.yarn_beta_fast,
+                                              beta_slow=flags.yarn_beta_slow)
+            scaling.check_context(model.seq_length)
+        except RopeScalingError as e:
+            raise SystemExit(f"error: {e}")
+        return {"rope": schedule, "rope_scaling": scaling}
 
     def check_config(self, run) -> None:
         flags = run.flags
@@ -145,7 +163,9 @@ class InstellaPlugin(GPTPlugin):
 
     # ---- model ---------------------------------------------------------------------------------------
     def transformer_config_overrides(self, run) -> dict:
-        return {}
+        """YaRN's attention factor as the softmax scale (``rope.methods``)."""
+        scale = run.plugin_values["rope_scaling"].softmax_scale(run.model.head_dim)
+        return {} if scale is None else {"softmax_scale": scale}
 
     def spec_name(self, run) -> str:
         if run.flags.spec:
@@ -153,8 +173,12 @@ class InstellaPlugin(GPTPlugin):
         return "instella-te" if run.flags.transformer_impl == "transformer_engine" else "instella"
 
     def build_model(self, run, transformer_config):
-        return build_gpt_chunks(run.model, transformer_config, self.spec_name(run), init_seed=run.flags.seed,
-                                fused_output_loss=run.flags.fused_output_loss)
+        chunks = build_gpt_chunks(run.model, transformer_config, self.spec_name(run), init_seed=run.flags.seed,
+                                  fused_output_loss=run.flags.fused_output_loss)
+        scaling = run.plugin_values["rope_scaling"]
+        if scaling.scales:
+            set_rope_scaling(chunks, scaling, run.model.rotary_base)
+        return chunks
 
     # ---- data ----------------------------------------------------------------------------------------
     def build_datasets(self, run, num_samples):
@@ -223,6 +247,7 @@ class InstellaPlugin(GPTPlugin):
                 "tokenizer_type": run.flags.tokenizer_type,
                 "recipe": run.recipe["name"] if run.recipe else None}
         meta.update(rope_meta(rope.theta_at(last), last, rope.describe()))
+        meta["rope_scaling"] = run.plugin_values["rope_scaling"].to_meta()
         return meta
 
     def check_resume(self, run, meta: dict) -> None:

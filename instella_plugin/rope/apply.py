@@ -17,6 +17,8 @@ from typing import List, Optional
 
 import torch
 
+from instella_plugin.rope.methods import RopeScaling, plain_inv_freq
+
 META_KEY = "rope_theta"
 
 
@@ -32,13 +34,15 @@ def _rotary_modules(model_chunks) -> List[torch.nn.Module]:
     return found
 
 
-def inv_freq_for(theta: float, dim: int, device=None) -> torch.Tensor:
-    """megatron's ``1 / theta ** (arange(0, dim, 2) / dim)`` in fp32 (rotary_percent 1.0)."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+inv_freq_for = plain_inv_freq  # megatron's ``1 / theta ** (arange(0, dim, 2) / dim)`` in fp32
 
 
-def set_rotary_base(model_chunks, theta: float) -> int:
+def set_rotary_base(model_chunks, theta: float, scaling: Optional[RopeScaling] = None) -> int:
     """Switch every RotaryEmbedding in ``model_chunks`` to base ``theta``; returns how many changed.
+
+    ``scaling``: a context-extension method (``rope.methods``) whose inverse frequencies replace plain
+    RoPE's at this base (its attention factor, for YaRN, is the softmax scale set at build time); by
+    default the method each module recorded (``set_rope_scaling``), else plain RoPE.
 
     Raises if the chunks hold none (a model built without RoPE) or if one uses llama-3 style
     ``rope_scaling`` (not an Instella setting; its frequencies are not a plain function of theta).
@@ -58,7 +62,9 @@ def set_rotary_base(model_chunks, theta: float) -> int:
     for m in modules:
         old = m.inv_freq
         dim = 2 * old.numel()
-        m.inv_freq = inv_freq_for(float(theta), dim, device=old.device)
+        method = scaling if scaling is not None else getattr(m, "rope_scaling", None)
+        m.inv_freq = (method.inv_freq(float(theta), dim, device=old.device) if method is not None
+                      else inv_freq_for(float(theta), dim, device=old.device))
         m.rotary_base = float(theta)
     RotaryEmbedding.forward.cache_clear()
     for m in owners:  # GPTModel: its record of the base and its inference cos/sin cache
@@ -68,6 +74,16 @@ def set_rotary_base(model_chunks, theta: float) -> int:
         if isinstance(cache, dict):
             cache.clear()
     return len(modules)
+
+
+def set_rope_scaling(model_chunks, scaling: RopeScaling, theta: float) -> int:
+    """Record ``scaling`` on every RotaryEmbedding of freshly built chunks (later ``set_rotary_base``
+    calls keep using it) and switch their tables to it at ``theta``."""
+    if not isinstance(scaling, RopeScaling):
+        raise TypeError(f"scaling must be a RopeScaling, got {type(scaling).__name__}")
+    for m in _rotary_modules(model_chunks):
+        m.rope_scaling = scaling
+    return set_rotary_base(model_chunks, theta)
 
 
 def current_rotary_base(model_chunks) -> Optional[float]:
