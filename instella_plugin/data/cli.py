@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed records instead of failing")
     a.add_argument("--no-progress", action="store_true")
     a.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    a.add_argument("--input-format", default="text", choices=["text", "mds"],
+                   help="mds: MosaicML streaming shards of token ids (documents, loss masks) to the SFT store "
+                        "PREFIX_tokens / PREFIX_mask, one example per document (data.mds)")
+    a.add_argument("--mds-tokens-column", default="input_ids", help="MDS column of token ids (input_ids)")
+    a.add_argument("--mds-indices-column", default="indices", help="MDS column of document (start, end) spans")
+    a.add_argument("--mds-mask-column", default="mask", help="MDS column of the loss mask")
 
     i = sub.add_parser("index", help="build .idx files for raw uint16 token files (OLMo/Dolma .npy)")
     i.add_argument("files", nargs="+")
@@ -67,7 +73,15 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     # The CLI edge: each action's module imports megatron-core's dataset code (seconds), so it is
     # imported here, for the action that runs, and `instella data --help` stays instant.
-    if args.action == "prepare":
+    if args.action == "prepare" and args.input_format == "mds":
+        from instella_plugin.data.mds import MDSColumns, prepare_mds
+
+        stats = prepare_mds(args.inputs, args.output_prefix, MDSColumns(
+            args.mds_tokens_column, args.mds_indices_column, args.mds_mask_column), dtype=args.dtype,
+            overwrite=args.overwrite)
+        print(f"{args.output_prefix}: {stats['samples']:,} MDS samples, {stats['documents']:,} documents, "
+              f"{stats['tokens']:,} tokens ({stats['loss_tokens']:,} with loss)")
+    elif args.action == "prepare":
         from instella_plugin.data.prepare import prepare, stats_line
 
         stats = prepare(args.inputs, args.output_prefix, args.tokenizer, json_key=args.json_key,
