@@ -1,7 +1,7 @@
 """Tokenise to Megatron .bin/.idx, index token files, resolve blends, format SFT chats.
 
-``instella data prepare | index | blend | sft``: each subcommand calls the library function of the same job (``prepare.prepare``, ``index_tokens.index_token_files``, ``blends.resolve_blend``,
-``sft.write_sft``/``write_preference``) and prints what it wrote."""
+``instella data prepare | index | blend | sft | convert`` (and ``synth``, routed by ``instella``): each subcommand calls the library function of the same job (``prepare.prepare``, ``index_tokens.index_token_files``, ``blends.resolve_blend``,
+``sft.write_sft``/``write_preference``, ``convert.convert``) and prints what it wrote."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--preference", action="store_true", help="inputs hold chosen/rejected pairs")
     s.add_argument("--tokenizer", default=None)
     s.add_argument("--overwrite", action="store_true", help="replace existing PREFIX_tokens/PREFIX_mask")
+
+    c = sub.add_parser("convert", help="a post-training source (SmolTalk, Tulu-3, ...) to chat/pair/prompt JSONL")
+    c.add_argument("source", nargs="?", help="a source of data/sources.yaml (--list shows them)")
+    c.add_argument("--output", help="the JSONL to write (OUTPUT.counts.json gets the count report)")
+    c.add_argument("--input", nargs="+", default=(), help="local files in the data set's field layout "
+                   "(default: the data set in the local Hugging Face cache)")
+    c.add_argument("--as-text", action="store_true", help="chats flattened to text documents (stage 2)")
+    c.add_argument("--seed", type=non_negative_int, default=96, help="seed of per-row random choices (MMLU rewrite)")
+    c.add_argument("--limit", type=positive_int, default=None, help="read at most this many rows")
+    c.add_argument("--config", default=None, help="the data set's config (default: the registry's)")
+    c.add_argument("--split", default=None, help="the data set's split (default: the registry's)")
+    c.add_argument("--list", action="store_true", help="list the known sources and exit")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    sub.add_parser("synth", help="synthetic data (gsm8k): `instella data synth gsm8k --help`")
     return p
 
 
@@ -112,4 +126,20 @@ def _run(args) -> int:
         n = (write_preference if args.preference else write_sft)(chats, args.output_prefix, args.tokenizer,
                                                                  overwrite=args.overwrite, inputs=args.inputs)
         print(f"{args.output_prefix}: {n:,} {'pairs' if args.preference else 'chats'}")
+    elif args.action == "convert":
+        from instella_plugin.data.convert import convert
+        from instella_plugin.data.sources import get_source, known_sources
+
+        if args.list or not args.source:
+            for name in known_sources():
+                print(f"{name:30s} {get_source(name).hf}")
+            return 0 if args.list else 2
+        if not args.output:
+            raise ValueError("--output is required: the JSONL file to write")
+        counts = convert(args.source, args.output, args.input, as_text=args.as_text, seed=args.seed, limit=args.limit,
+                         config=args.config, split=args.split, overwrite=args.overwrite)
+        print(counts.report())
+        print(f"wrote {args.output} and {args.output}.counts.json")
+    elif args.action == "synth":
+        raise ValueError("run it as `instella data synth ...` (the synthesis tools live above the data layer)")
     return 0
