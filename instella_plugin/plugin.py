@@ -8,6 +8,7 @@ values; the frozen run configuration (``training/run_config.py``) is built from 
 import argparse
 import dataclasses
 import math
+from functools import partial
 
 from instella_plugin.data.blends import BlendError, resolve_blend
 from instella_plugin.data.sft import PreferenceDataset, SFTDataset
@@ -18,6 +19,10 @@ from instella_plugin.model.packed_attention import packed_seq_params_from_tokens
 from instella_plugin.rope.apply import rope_meta, set_rope_scaling, set_rotary_base, theta_on_resume
 from instella_plugin.rope.methods import METHODS, RopeScaling, RopeScalingError
 from instella_plugin.rope.schedule import RopeSchedule
+from instella_plugin.rl import loop as grpo_loop
+from instella_plugin.rl.objective import GRPOStep
+from instella_plugin.rl.prompts import PromptDataError, check_rows, read_rows
+from instella_plugin.rl.settings import GRPOSettings, add_grpo_arguments
 from instella_plugin.training import dpo
 from instella_plugin.training.datasets import WeightedSamples
 from instella_plugin.training.plugins import GPTPlugin, checkpoint_model
@@ -50,7 +55,7 @@ class InstellaPlugin(GPTPlugin):
         g.add_argument("--model-preset", help="instella-3b, instella-1b, instella-tiny, instella-test")
         g.add_argument("--data-blend", help="a blend name or YAML path (instella data blend)")
         g.add_argument("--data-root", help="directory the blend's source prefixes are relative to")
-        g.add_argument("--dataset-type", default="gpt", choices=["gpt", "sft", "dpo"],
+        g.add_argument("--dataset-type", default="gpt", choices=["gpt", "sft", "dpo", "grpo"],
                        help="gpt: token documents; sft: chats; dpo: preference pairs (chosen, rejected)")
         g.add_argument("--dpo-beta", type=float, default=5.0, help="DPO beta (Instella: 5, length-normalised)")
         g.add_argument("--dpo-loss", default="dpo_norm", choices=["dpo_norm", "dpo"],
@@ -73,6 +78,10 @@ class InstellaPlugin(GPTPlugin):
                        help="context the starting model was trained at (4096)")
         g.add_argument("--yarn-beta-fast", type=float, default=32.0, help="YaRN beta_fast (32)")
         g.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN beta_slow (1)")
+        g.add_argument("--sft-loss-reduction", default="token-mean", choices=["token-mean", "sum"],
+                       help="token-mean: loss averaged over the batch's tokens; sum: each sequence's token losses "
+                            "summed, averaged over the batch's sequences (Instella-Math SFT 2, reduce_loss: sum)")
+        add_grpo_arguments(parser)
 
     # ---- configuration -------------------------------------------------------------------------------
     def recipe(self, flags):
@@ -92,7 +101,13 @@ class InstellaPlugin(GPTPlugin):
 
     def data_plan(self, flags, model) -> DataPlan:
         """A named blend (resolved when the datasets are built, or now when iterations are counted from
-        it), else Megatron-LM's data flags. ``--mock-data`` replaces a recipe's blend (dry runs)."""
+        it), else Megatron-LM's data flags. ``--mock-data`` replaces a recipe's blend (dry runs). GRPO reads
+        one prompt file (``--data-path FILE.jsonl|.parquet``), kept as the plan's named source."""
+        if flags.dataset_type == "grpo":
+            if not flags.data_path or len(flags.data_path) != 1:
+                raise SystemExit("error: --dataset-type grpo needs --data-path FILE: one JSONL or Parquet file of "
+                                 "prompts and ground-truth answers")
+            return DataPlan(kind="grpo", named=(flags.data_path[0], ""))
         if flags.data_blend and not flags.mock_data:
             if not flags.data_root:
                 raise SystemExit("error: --data-blend needs --data-root (the directory its prefixes are relative to)")
@@ -151,6 +166,14 @@ class InstellaPlugin(GPTPlugin):
                              "--padded-vocab-size instead")
         if flags.dataset_type == "dpo":
             dpo.check_layout(run)
+        if flags.dataset_type == "grpo":
+            grpo_loop.check_layout(run)
+            try:
+                self.grpo_settings(run).check(run.model.seq_length, run.layout.dp, flags.train_iters)
+                check_rows(read_rows(run.data.named[0]), run.data.named[0], flags.grpo_prompt_key,
+                           flags.grpo_answer_key)
+            except (ValueError, PromptDataError) as e:
+                raise SystemExit(f"error: {e}")
         if run.layout.cp > 1:
             if flags.cp_comm_type != "a2a" and flags.transformer_impl == "local":
                 raise SystemExit(f"error: --cp-comm-type {flags.cp_comm_type} needs Transformer Engine; the local "
@@ -225,13 +248,33 @@ class InstellaPlugin(GPTPlugin):
     def check_start(self, run, resumed_own_run: bool) -> None:
         if run.data.kind == "dpo" and resumed_own_run and not run.flags.pretrained_checkpoint:
             raise SystemExit(dpo.NO_REFERENCE)
+        if run.data.kind == "grpo" and resumed_own_run and not run.flags.pretrained_checkpoint:
+            raise SystemExit(grpo_loop.NO_REFERENCE)
 
     def forward_step(self, run, transformer_config, model_chunks, *, resumed_own_run: bool, device):
+        if run.data.kind == "grpo":  # the reference's log-probs are computed by the GRPO loop before updates
+            return GRPOStep(run.flags.grpo_clip_eps, run.flags.grpo_kl_beta)
         if run.data.kind != "dpo":
-            return super().forward_step(run, transformer_config, model_chunks,
+            step = super().forward_step(run, transformer_config, model_chunks,
                                         resumed_own_run=resumed_own_run, device=device)
+            return partial(step, per_sequence=True) if run.flags.sft_loss_reduction == "sum" else step
         reference = dpo.build_reference(self, run, transformer_config, model_chunks, resumed_own_run, device)
         return dpo.DPOStep(reference, run.flags.dpo_beta, normalise=run.flags.dpo_loss == "dpo_norm")
+
+    def grpo_settings(self, run) -> GRPOSettings:
+        flags = run.flags
+        return GRPOSettings(
+            group_size=flags.grpo_group_size, prompts_per_step=flags.grpo_prompts_per_step,
+            kl_beta=flags.grpo_kl_beta, clip_eps=flags.grpo_clip_eps, temperature=flags.grpo_temperature,
+            max_prompt_tokens=flags.grpo_max_prompt_tokens, max_response_tokens=flags.grpo_max_response_tokens,
+            micro_batch_tokens=flags.grpo_micro_batch_tokens, prompt_key=flags.grpo_prompt_key,
+            answer_key=flags.grpo_answer_key, chat_template=flags.grpo_chat_template,
+            samples_interval=flags.grpo_samples_interval, global_batch_size=run.layout.global_batch_size)
+
+    def train(self, run) -> dict:
+        if run.data.kind == "grpo":
+            return grpo_loop.grpo(run, self, self.grpo_settings(run))
+        return super().train(run)
 
     # ---- RoPE, checkpoints ---------------------------------------------------------------------------
     def rope_theta(self, run, iteration: int):

@@ -281,6 +281,30 @@ OFFICIAL = {
                      lr=3e-3, min_lr=3e-4, lr_warmup_iters=20, lr_warmup_init=3e-4, lr_decay_style="cosine",
                      train_iters=200, weight_decay=0.1, decay_all_params=True, adam_beta1=0.9, adam_beta2=0.95,
                      adam_eps=1e-8, clip_grad=1.0, seed=6198, data_blend="tiny", rotary_base=10000),
+    # Instella-Math SFT 1 (INSTELLA.md; the Instella codebase's SFT config otherwise): OpenMathInstruct-2 at
+    # 4096, lr 2e-5, warmup 500 from 0.1x peak, linear to 0.001x, 3 epochs, batch 128, from Instruct
+    "math-sft1": dict(model_preset="instella-3b", dataset_type="sft", seq_length=4096, global_batch_size=128,
+                      lr=2e-5, min_lr=2e-8, lr_warmup_iters=500, lr_warmup_init=2e-6, lr_decay_style="linear",
+                      train_iters="epochs:3", lr_decay_iters="epochs:3", **_BASE_OPTIM, finetune=True, seed=6198,
+                      data_blend="math-sft1", rotary_base=10000),
+    # Instella-Math SFT 2: AM-DeepSeek-R1-Distilled (English) at 32K, lr 5e-5, warmup 10 %, wd 1e-4,
+    # 3 epochs, reduce_loss: sum, BOS prepended, from math-sft1
+    "math-sft2": dict(model_preset="instella-3b", dataset_type="sft", sft_loss_reduction="sum", seq_length=32768,
+                      max_position_embeddings=32768, lr=5e-5, lr_warmup_fraction=0.1, train_iters="epochs:3",
+                      lr_decay_iters="epochs:3", weight_decay=1e-4, finetune=True, data_blend="math-sft2",
+                      rotary_base=10000),
+    # GRPO as run officially (VERL): 128 prompts x n rollouts at T=1, prompts <= 512, mini-batch 32 prompts
+    # (4 updates a step), 17,000-token micro-batches, lr 1e-6 constant, k3 KL 0.001, clip 0.2; AdamW
+    # (0.9, 0.999), wd 0.01, clipping 1.0 are VERL's actor defaults. Stages: Big-Math n=8, 8K, 1200 steps;
+    # DeepMath n=16, 16,000, 600 steps; DeepScaleR n=16, 16,000, 740 steps.
+    **{f"grpo-stage{k}": dict(
+        model_preset="instella-3b", dataset_type="grpo", seq_length=32768, max_position_embeddings=32768,
+        grpo_group_size=n, grpo_prompts_per_step=128, global_batch_size=32 * n, grpo_max_prompt_tokens=512,
+        grpo_max_response_tokens=r, grpo_micro_batch_tokens=17000, grpo_temperature=1.0, grpo_kl_beta=0.001,
+        grpo_clip_eps=0.2, lr=1e-6, min_lr=1e-6, lr_warmup_iters=0, lr_warmup_init=1e-6, lr_decay_style="constant",
+        train_iters=steps * 4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, clip_grad=1.0,
+        bf16=True, use_distributed_optimizer=True, finetune=True, rotary_base=10000)
+       for k, n, r, steps in ((1, 8, 8192, 1200), (2, 16, 16000, 600), (3, 16, 16000, 740))},
 }
 # Keys that are this project's choices, not official numbers (value per recipe, reason once).
 OURS = {
@@ -295,6 +319,23 @@ OURS = {
                                                                                 "long-phase2": "uniform"}),
     "recompute_num_layers": ("checkpoint every layer", {"long-phase1": 1, "long-phase2": 1}),
 }
+# The Instella-Math recipes' rows of the choices above, and the choices only they make.
+_GRPO = ("grpo-stage1", "grpo-stage2", "grpo-stage3")
+_MATH_OURS = {
+    "micro_batch_size": ("", {"math-sft1": 4, "math-sft2": 1, **{r: 1 for r in _GRPO}}),
+    "save_interval": ("", {"math-sft1": 1000, "math-sft2": 500, **{r: 20 for r in _GRPO}}),
+    "recompute_method": ("", {"math-sft2": "uniform"}),
+    "recompute_num_layers": ("", {"math-sft2": 1}),
+    "recompute_granularity": ("activation memory at 32K (the official framework is not named)", {"math-sft2": "full"}),
+    "seed": ("not stated for these stages: the Instella seed", {"math-sft2": 6198, **{r: 6198 for r in _GRPO}}),
+    # math-sft2 settings INSTELLA.md does not state: the Instella SFT recipe's batch and optimizer, decay to 0
+    **{k: ("not stated for math-sft2: kept from the Instella SFT recipes", {"math-sft2": v}) for k, v in dict(
+        global_batch_size=128, min_lr=0.0, lr_warmup_init=0.0, lr_decay_style="linear", decay_all_params=True,
+        adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=True,
+        use_distributed_optimizer=True).items()},
+}
+for _key, (_why, _rows) in _MATH_OURS.items():
+    OURS.setdefault(_key, (_why, {}))[1].update(_rows)
 
 
 def _table_row(recipe, key):
@@ -337,3 +378,30 @@ def test_fidelity_rows_of_sft_and_dpo(monkeypatch):
                  "--lr-decay-iters", 1000, world=32, monkeypatch=monkeypatch)
     assert (dpo.adam_beta1, dpo.adam_beta2, dpo.adam_eps, dpo.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
     assert (dpo.dpo_beta, dpo.dpo_loss, dpo.seq_length, dpo.global_batch_size, dpo.lr) == (5.0, "dpo_norm", 2048, 128, 5e-7)
+
+
+def test_math_recipe_numbers(tmp_path, monkeypatch):
+    """Instella-Math's SFT and GRPO stages through the parsed run config (4 nodes x 8 GPUs for GRPO)."""
+    from instella_plugin.plugin import InstellaPlugin
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    expected = {1: (8, 8192, 1200), 2: (16, 16000, 600), 3: (16, 16000, 740)}  # (n, response, steps)
+    for stage, (n, response, steps) in expected.items():
+        a = _parse("--plugin", "instella", "--instella-recipe", f"grpo-stage{stage}", "--data-path", prompts, world=32,
+                   monkeypatch=monkeypatch)
+        settings = InstellaPlugin().grpo_settings(a.run)
+        assert (settings.group_size, settings.max_response_tokens, settings.prompts_per_step) == (n, response, 128)
+        assert (settings.minibatch_prompts, settings.updates_per_step) == (32, 4)
+        assert a.train_iters // settings.updates_per_step == steps
+        assert (a.lr, a.min_lr, a.lr_decay_style, a.grpo_kl_beta, a.grpo_clip_eps, a.grpo_temperature) == \
+            (1e-6, 1e-6, "constant", 0.001, 0.2, 1.0)
+        assert (settings.max_prompt_tokens, settings.micro_batch_tokens) == (512, 17000)
+        assert settings.max_prompt_tokens + settings.max_response_tokens <= a.seq_length
+    s1 = _parse("--plugin", "instella", "--instella-recipe", "math-sft1", "--mock-data", "--train-iters", 3000,
+                "--lr-decay-iters", 3000, world=32, monkeypatch=monkeypatch)
+    assert (s1.lr, s1.lr_warmup_iters, s1.global_batch_size, s1.seq_length, s1.finetune) == (2e-5, 500, 128, 4096, True)
+    s2 = _parse("--plugin", "instella", "--instella-recipe", "math-sft2", "--mock-data", "--train-iters", 3000,
+                "--lr-decay-iters", 3000, world=32, monkeypatch=monkeypatch)
+    assert (s2.lr, s2.lr_warmup_iters, s2.weight_decay, s2.seq_length, s2.sft_loss_reduction) == \
+        (5e-5, 300, 1e-4, 32768, "sum")

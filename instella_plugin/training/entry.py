@@ -9,7 +9,6 @@ import_megatron_core()  # before anything imports megatron-core: every rank star
 import torch  # noqa: E402
 
 from instella_plugin.training.arguments import parse_args  # noqa: E402
-from instella_plugin.training.loop import pretrain  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -18,7 +17,7 @@ def main(argv=None) -> int:
     logging.getLogger("megatron.core.datasets.blended_dataset").setLevel(logging.ERROR)
     run, plugin = parse_args(argv)
     try:
-        pretrain(run, plugin)
+        plugin.train(run)  # loop.pretrain, or the plugin's own outer loop (GRPO)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

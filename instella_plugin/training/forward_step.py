@@ -11,17 +11,22 @@ from typing import Iterable, List
 import torch
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """output_tensor: per-token losses [b, s] from GPTModel(labels=...)."""
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, per_sequence: bool = False):
+    """output_tensor: per-token losses [b, s] from GPTModel(labels=...).
+
+    ``per_sequence``: the gradient is divided by the number of sequences (those with a loss token)
+    instead of tokens, so each sequence's token losses are summed and the batch's sequences averaged
+    (``--sft-loss-reduction sum``); the reported loss stays a per-token mean."""
     mask = loss_mask.reshape(-1).float()
     losses = output_tensor.float().reshape(-1)
     loss_sum = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
+    num_tokens = ((loss_mask.reshape(loss_mask.shape[0], -1).sum(-1) > 0).sum() if per_sequence
+                  else mask.sum()).to(torch.int)
     reported = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
     return loss_sum, num_tokens, {"lm loss": reported}
 
 
-def forward_step(data_iterator, model, *, return_logits=None):
+def forward_step(data_iterator, model, *, return_logits=None, per_sequence: bool = False):
     """megatron ``forward_step_func``: run the model on the next batch; return (output, loss_func)."""
     batch = next(data_iterator)
     kwargs = {}
@@ -31,7 +36,7 @@ def forward_step(data_iterator, model, *, return_logits=None):
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels, **kwargs)
     if return_logits is not None:
         return output, partial(_collect_logits, return_logits)
-    return output, partial(loss_func, batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"], per_sequence=per_sequence)
 
 
 def _collect_logits(store: list, output_tensor):

@@ -24,6 +24,7 @@ from instella_plugin.model.config import InstellaConfig
 from instella_plugin.training import checkpointing
 from instella_plugin.training.datasets import build_gpt_datasets
 from instella_plugin.training.forward_step import forward_step
+from instella_plugin.training.loop import pretrain
 from instella_plugin.training.run_config import DataPlan, split_blend
 
 ENTRY_POINT_GROUP = "megatron_plugins"
@@ -139,6 +140,11 @@ class GPTPlugin:
         language modelling (``training.forward_step``) by default. A step object may say how many
         sequences one sample holds (``sequences_per_sample``, for tokens/s)."""
         return forward_step
+
+    def train(self, run) -> dict:
+        """Run the outer loop that drives ``Trainer`` for this run: ``loop.pretrain`` (pre-training and
+        fine-tuning) unless the plugin's objective needs its own (GRPO alternates rollouts and updates)."""
+        return pretrain(run, self)
 
     # ---- RoPE, checkpoints ------------------------------------------------------------------------
     def rope_theta(self, run, iteration: int) -> Optional[float]:
