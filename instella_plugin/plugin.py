@@ -15,8 +15,9 @@ from instella_plugin.data.sft import PreferenceDataset, SFTDataset
 from instella_plugin.model.build import build_gpt_chunks
 from instella_plugin.model.config import InstellaConfig, get_preset
 from instella_plugin.model.context_parallel import batch_for_cp_rank, check_cp_layout
+from instella_plugin.model.document_segments import packed_seq_params_from_segments
 from instella_plugin.model.packed_attention import packed_seq_params_from_tokens
-from instella_plugin.rope.apply import rope_meta, set_rope_scaling, set_rotary_base, theta_on_resume
+from instella_plugin.rope.apply import rope_meta, set_rope_scaling, set_rotary_base, starting_theta, theta_on_resume
 from instella_plugin.rope.methods import METHODS, RopeScaling, RopeScalingError
 from instella_plugin.rope.schedule import RopeSchedule
 from instella_plugin.rl import loop as grpo_loop
@@ -94,9 +95,13 @@ class InstellaPlugin(GPTPlugin):
 
     def model_config(self, flags, given) -> InstellaConfig:
         """The preset (or, with ``--use-checkpoint-args``, the checkpoint's model) with the model flags
-        the user or the recipe set."""
+        the user or the recipe set; a RoPE theta nobody set comes from the starting checkpoint."""
         cfg = checkpoint_model(flags) if flags.use_checkpoint_args else get_preset(flags.model_preset or "instella-3b")
         overrides = {k: getattr(flags, k) for k in MODEL_FLAGS if k in given and getattr(flags, k) is not None}
+        if "rotary_base" not in overrides:
+            theta = starting_theta(flags.load or flags.pretrained_checkpoint)
+            if theta is not None:
+                overrides["rotary_base"] = theta
         return cfg.replace(**overrides) if overrides else cfg
 
     def data_plan(self, flags, model) -> DataPlan:
@@ -237,8 +242,12 @@ class InstellaPlugin(GPTPlugin):
         return tuple(out)
 
     def batch_hook(self, run, batch):
-        """Document boundaries for packed sequences, then this context-parallel rank's slice."""
-        if run.flags.packed_documents:
+        """Document boundaries for packed sequences (packed chats' segment ids, else EOS with
+        ``--packed-documents``), then this context-parallel rank's slice."""
+        segments = batch.pop("segment_ids", None)
+        if segments is not None:
+            batch["packed_seq_params"] = packed_seq_params_from_segments(segments)
+        elif run.flags.packed_documents:
             batch["packed_seq_params"] = packed_seq_params_from_tokens(batch["tokens"], 0)
         if run.layout.cp > 1:
             batch = batch_for_cp_rank(batch)

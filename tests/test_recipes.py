@@ -276,6 +276,20 @@ OFFICIAL = {
                         lr=2e-5, min_lr=2e-8, lr_warmup_iters=250, lr_warmup_init=2e-6, lr_decay_style="linear",
                         train_iters=2500, lr_decay_iters=2500, reset_iteration=True, **_BASE_OPTIM, seed=6198,
                         data_blend="long-phase2"),
+    # instella-3b-long-sft.yaml: 256K, theta 3,691,950, "64 instances" = 16 sequences x 4 sequence-parallel
+    # ranks, 250 steps, lr 4e-5 warmup 13 (from 0.1x, OLMo's default) linear to 4e-8, document masking
+    "long-sft": dict(model_preset="instella-3b", dataset_type="sft", sft_pack=True, packed_documents=True,
+                     seq_length=262144, max_position_embeddings=262144, rotary_base=3691950, rope_schedule="stepwise",
+                     global_batch_size=16, context_parallel_size=4, cp_comm_type="a2a", recompute_granularity="full",
+                     lr=4e-5, min_lr=4e-8, lr_warmup_iters=13, lr_warmup_init=4e-6, lr_decay_style="linear",
+                     train_iters=250, lr_decay_iters=250, reset_iteration=True, **_BASE_OPTIM, seed=6198,
+                     data_blend="long-sft"),
+    # instella-3b-long-dpo.yaml: the DPO row at 2048, theta from the starting checkpoint (no rotary_base)
+    "long-dpo": dict(model_preset="instella-3b", dataset_type="dpo", dpo_loss="dpo_norm", dpo_beta=5.0, seq_length=2048,
+                     global_batch_size=128, lr=5e-7, min_lr=0.0, lr_warmup_fraction=0.1, lr_warmup_init=0.0,
+                     lr_decay_style="linear", train_iters="epochs:1", lr_decay_iters="epochs:1", weight_decay=0.0,
+                     adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, clip_grad=1.0, bf16=True,
+                     use_distributed_optimizer=True, finetune=True, seed=42),
     # no official counterpart: the CPU demo, stage 1's shape at tiny size (warmup from 0.1x peak, cosine)
     "tiny-cpu": dict(model_preset="instella-tiny", seq_length=128, global_batch_size=4, tensor_model_parallel_size=2,
                      lr=3e-3, min_lr=3e-4, lr_warmup_iters=20, lr_warmup_init=3e-4, lr_decay_style="cosine",
@@ -309,15 +323,18 @@ OFFICIAL = {
 # Keys that are this project's choices, not official numbers (value per recipe, reason once).
 OURS = {
     "micro_batch_size": ("memory per device; the global batch is the official number",
-                         {"stage1": 4, "stage2": 4, "sft": 4, "dpo": 2, "long-phase1": 1, "long-phase2": 1, "tiny-cpu": 2}),
+                         {"stage1": 4, "stage2": 4, "sft": 4, "dpo": 2, "long-phase1": 1, "long-phase2": 1, "tiny-cpu": 2,
+                          "long-sft": 1, "long-dpo": 2}),
     "save_interval": ("checkpoint cadence", {"stage1": 1000, "stage2": 1000, "sft": 1000, "dpo": 500,
-                                             "long-phase1": 500, "long-phase2": 250, "tiny-cpu": 100}),
+                                             "long-phase1": 500, "long-phase2": 250, "tiny-cpu": 100,
+                                             "long-sft": 50, "long-dpo": 500}),
     "log_interval": ("logging cadence", {r: 10 for r in OFFICIAL}),
     "eval_interval": ("validation cadence", {"stage1": 1000, "stage2": 1000, "tiny-cpu": 100}),
     "eval_iters": ("validation size", {"stage1": 10, "stage2": 10, "tiny-cpu": 2}),
     "recompute_method": ("how megatron spreads full activation checkpointing", {"long-phase1": "uniform",
-                                                                                "long-phase2": "uniform"}),
-    "recompute_num_layers": ("checkpoint every layer", {"long-phase1": 1, "long-phase2": 1}),
+                                                                                "long-phase2": "uniform",
+                                                                                "long-sft": "uniform"}),
+    "recompute_num_layers": ("checkpoint every layer", {"long-phase1": 1, "long-phase2": 1, "long-sft": 1}),
 }
 # The Instella-Math recipes' rows of the choices above, and the choices only they make.
 _GRPO = ("grpo-stage1", "grpo-stage2", "grpo-stage3")

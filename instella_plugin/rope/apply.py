@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import torch
 
+from instella_plugin.checkpoint_layout import CheckpointError, read_meta
 from instella_plugin.rope.methods import RopeScaling, plain_inv_freq
 
 META_KEY = "rope_theta"
@@ -92,6 +93,19 @@ def current_rotary_base(model_chunks) -> Optional[float]:
     if len(bases) > 1:
         raise RuntimeError(f"RotaryEmbedding modules disagree on theta: {sorted(map(str, bases))}")
     return bases.pop() if bases else None
+
+
+def starting_theta(checkpoint: Optional[str]) -> Optional[float]:
+    """The RoPE theta a checkpoint was trained with (its ``rope_theta`` metadata), or None when there is
+    no checkpoint, it cannot be read (``--load`` checks report that) or it records none. A recipe that
+    names no ``rotary_base`` runs at this theta, so post-training keeps its starting model's base."""
+    if not checkpoint:
+        return None
+    try:
+        theta = read_meta(checkpoint).get(META_KEY)
+    except (OSError, ValueError, CheckpointError):
+        return None
+    return float(theta) if theta is not None else None
 
 
 def rope_meta(theta: float, iteration: int, schedule_description: Optional[str] = None) -> dict:

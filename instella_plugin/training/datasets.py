@@ -70,7 +70,8 @@ class WeightedSamples:
 
 def to_torch_batch(samples: List[dict]) -> dict:
     """Stack samples' ``tokens``, ``labels``, ``position_ids`` (long) and ``loss_mask`` (float32); a
-    preference pair's carry them twice, prefixed ``chosen_`` and ``rejected_``."""
+    preference pair's carry them twice, prefixed ``chosen_`` and ``rejected_``; packed SFT samples'
+    ``segment_ids`` too."""
     batch = {}
     for prefix in ("", "chosen_", "rejected_"):
         if prefix + "tokens" not in samples[0]:
@@ -80,6 +81,9 @@ def to_torch_batch(samples: List[dict]) -> dict:
                                                for s in samples])
         batch[prefix + "loss_mask"] = torch.stack([torch.as_tensor(np.asarray(s[prefix + "loss_mask"]),
                                                                    dtype=torch.float32) for s in samples])
+    if "segment_ids" in samples[0]:  # packed chats: the plugin's batch hook makes document boundaries
+        batch["segment_ids"] = torch.stack([torch.as_tensor(np.asarray(s["segment_ids"]), dtype=torch.long)
+                                            for s in samples])
     return batch
 
 
