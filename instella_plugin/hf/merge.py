@@ -1,29 +1,34 @@
-"""Weight ensembling: the element-wise (weighted) mean of N checkpoints, one tensor at a time.
+"""Weight ensembling of N checkpoints, one tensor at a time, by any method of ``merge_methods``.
 
-Inputs are all Megatron checkpoints (save or iter_N directories) or all Hugging Face directories of
-one format. Before anything is written the inputs must agree: the same architecture (the first
-differing configuration field is named), the same tensor names (every missing and extra name is
-listed, per input) and shapes (the first mismatching tensor is named). The mean is accumulated in
-fp32 whatever the storage dtype (``acc += w_i * x_i``, then ``acc / sum(w)``; uniform weights are
-all 1, so the result is ``(x_1 + ... + x_N) / N`` in fp32) and cast once to the output dtype.
+Inputs are all Megatron checkpoints (save or iter_N directories, any TP/PP layout) or all Hugging Face
+directories of one format; task-vector methods (TIES, DARE) also take a base checkpoint of the same
+kind. Before any tensor is read the specification is checked (``merge_config``) and the inputs and
+the base must agree: the same architecture (the first differing configuration field is named: layers,
+hidden size, vocabulary...), the same tensor names (every missing and extra name is listed, per input)
+and shapes (the first mismatching tensor is named). Every method accumulates in fp32 whatever the
+storage dtype; the uniform mean is ``(x_1 + ... + x_N) / N`` in fp32 (``acc += w_i * x_i``, then
+``acc / sum(w)``), cast once to the output dtype.
 
-The output is written atomically with a record of its inputs and weights (``instella_merge.json``,
-and under ``merge`` in a Megatron output's ``instella_meta.json``). A merged Megatron checkpoint holds
-weights only: no optimizer, RNG or scheduler state (``contents: ["model"]``).
+The output is written atomically with a record of its inputs, method and parameters
+(``instella_merge.json``, and under ``merge`` in a Megatron output's ``instella_meta.json``). A merged
+Megatron checkpoint holds weights only, in the trainer's layout: no optimizer, RNG or scheduler state
+(``contents: ["model"]``). Greedy soup, which needs an evaluation, is ``merge_soup.greedy_soup``.
 """
 import datetime
 import math
 import os
 import shutil
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from instella_plugin.checkpoint_layout import iteration_dir, publish
 from instella_plugin.hf import formats
-from instella_plugin.hf.convert import open_megatron, weights_only_meta
+from instella_plugin.hf.convert import DTYPES, open_megatron, weights_only_meta
 from instella_plugin.hf.formats import CheckpointMismatch
-from instella_plugin.hf.megatron_io import add_scaled_, stacked_layout, write_dist_checkpoint
+from instella_plugin.hf.megatron_io import stacked_layout, write_dist_checkpoint
+from instella_plugin.hf.merge_config import MergeConfigError, MergeSpec
+from instella_plugin.hf.merge_methods import merge_tensor
 from instella_plugin.hf.outputs import atomic_output, check_output, write_json
 from instella_plugin.hf.safetensors_io import ShardedWriter
 
@@ -74,62 +79,65 @@ def check_tensors(names_shapes, paths) -> None:
                                  "):\n  - " + "\n  - ".join(problems))
 
 
-def mean_tensor(read: Callable[[int], torch.Tensor], weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-    """sum_i w_i * read(i) in fp32, divided by sum(w), cast once to ``dtype``; one input in memory at a time."""
-    acc = None
-    for i, w in enumerate(weights):
-        x = read(i)
-        if not x.is_floating_point():
-            raise CheckpointMismatch("a non-floating-point tensor cannot be averaged")
-        if acc is None:
-            acc = x.to(torch.float32, copy=True)
-            if w != 1.0:
-                acc.mul_(w)
-        else:
-            add_scaled_(acc, x, w)
-        del x
-    acc.div_(sum(weights))
-    return acc if dtype == torch.float32 else acc.to(dtype)
+def _labels(spec: MergeSpec) -> List[str]:
+    return list(spec.inputs) + ([f"base {spec.base}"] if spec.base else [])
 
 
-def _record(paths, weights, dtype, kind, extra=None) -> dict:
-    total = sum(weights)
-    return {"inputs": [os.path.abspath(p) for p in paths], "weights": list(weights),
-            "normalised_weights": [w / total for w in weights], "kind": kind, "dtype": str(dtype),
-            "accumulation": "float32", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            **(extra or {})}
+def _record(spec: MergeSpec, dtype, kind, extra=None) -> dict:
+    weights = spec.resolved_weights()
+    out = {"inputs": [os.path.abspath(p) for p in spec.inputs], "weights": weights}
+    if all(not isinstance(w, list) for w in weights):
+        out["normalised_weights"] = [w / sum(weights) for w in weights]
+    out.update({"kind": kind, "dtype": str(dtype), "accumulation": "float32",
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(), **spec.record(), **(extra or {})})
+    if spec.base:
+        out["base"] = os.path.abspath(spec.base)
+    return out
 
 
-def merge_hf(paths, out, weights, dtype=None, overwrite=False, max_shard_bytes=5 * 1024 ** 3) -> str:
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if dtype == torch.float32 else t.to(dtype)
+
+
+def merge_hf(spec: MergeSpec, out, dtype=None, overwrite=False, max_shard_bytes=5 * 1024 ** 3) -> str:
+    paths = list(spec.inputs) + ([spec.base] if spec.base else [])
     cks = [formats.HFCheckpoint(p) for p in paths]  # each checked against its own config.json
     fmts = {c.format for c in cks}
     if len(fmts) > 1:
         raise CheckpointMismatch(f"the inputs mix Hugging Face formats {sorted(fmts)}; convert them to one format")
-    check_architectures([c.cfg for c in cks], paths)
-    check_tensors([{n: c.files.shape(n) for n in c.files.names()} for c in cks], paths)
-    ref = cks[0].files
+    labels = _labels(spec)
+    check_architectures([c.cfg for c in cks], labels)
+    check_tensors([{n: c.files.shape(n) for n in c.files.names()} for c in cks], labels)
+    ref, num_layers = cks[0].files, cks[0].cfg.num_layers
+    base = cks[spec.n] if spec.base else None
     plan = [(n, ref.shape(n), dtype or ref.dtype(n)) for n in ref.names()]
     with atomic_output(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
         for name, _, dt in plan:
-            writer.write(name, mean_tensor(lambda i: cks[i].files.get(name), weights, dt))
+            merged = merge_tensor(spec.plan(name, num_layers), name, lambda i: cks[i].files.get(name),
+                                  (lambda: base.files.get(name)) if base else None)
+            writer.write(name, _cast(merged, dt))
+            del merged
         writer.finish()
         for f in os.listdir(paths[0]):  # config, tokenizer and generation files of the first input
             src = os.path.join(paths[0], f)
             if os.path.isfile(src) and not f.endswith(".safetensors") and f not in (
                     "model.safetensors.index.json", RECORD):
                 shutil.copyfile(src, os.path.join(tmp, f))
-        write_json(os.path.join(tmp, RECORD), _record(paths, weights, dtype or ref.dtype(plan[0][0]), "hf",
+        write_json(os.path.join(tmp, RECORD), _record(spec, dtype or ref.dtype(plan[0][0]), "hf",
                                                       {"format": cks[0].format}))
     return out
 
 
-def merge_megatron(paths, out, weights, dtype=None, overwrite=False) -> str:
-    opened = [open_megatron(p, flag="--inputs") for p in paths]  # each checked against its own stored configuration
+def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False) -> str:
+    paths = list(spec.inputs) + ([spec.base] if spec.base else [])
+    flags = ["--inputs"] * spec.n + (["--base"] if spec.base else [])
+    opened = [open_megatron(p, flag=f) for p, f in zip(paths, flags)]  # each checked against its own configuration
     cfgs = [o[2] for o in opened]
-    check_architectures(cfgs, paths)
+    check_architectures(cfgs, _labels(spec))
     cks = [o[3] for o in opened]
-    metas = [o[1] for o in opened]
+    metas = [o[1] for o in opened][:spec.n]
+    base = cks[spec.n] if spec.base else None
     cfg = cfgs[0]
     dtype = dtype or cks[0].dtype("embedding.word_embeddings.weight")
     layout = stacked_layout(cfg)
@@ -137,15 +145,20 @@ def merge_megatron(paths, out, weights, dtype=None, overwrite=False) -> str:
 
     def produce(key, layer):
         name = key if layer is None else f"decoder.layers.{layer}.{key[len('decoder.layers.'):]}"
+        tp = spec.plan(name, cfg.num_layers)
+        if tp.method != "linear":
+            return _cast(merge_tensor(tp, name, lambda i: cks[i].read_param(name),
+                                      (lambda: base.read_param(name)) if base else None), dtype)
         acc = torch.zeros(cks[0].param_shape(name), dtype=torch.float32)
-        for ck, w in zip(cks, weights):
-            ck.accumulate_param(acc, name, w)  # chunk by chunk: no copy of the input tensor
-        acc.div_(sum(weights))
-        return acc if dtype == torch.float32 else acc.to(dtype)
+        for ck, w in zip(cks, tp.weights):
+            if w != 0:
+                ck.accumulate_param(acc, name, w)  # chunk by chunk: no copy of the input tensor
+        acc.div_(sum(tp.weights))
+        return _cast(acc, dtype)
 
     iterations = {m.get("iteration") for m in metas}
     iteration = iterations.pop() if len(iterations) == 1 and None not in iterations else 0
-    record = _record(paths, weights, dtype, "megatron", {"iterations": [m.get("iteration") for m in metas]})
+    record = _record(spec, dtype, "megatron", {"iterations": [m.get("iteration") for m in metas]})
     with atomic_output(out, overwrite) as tmp:
         it_dir = iteration_dir(tmp, iteration)
         os.makedirs(it_dir)
@@ -160,18 +173,34 @@ def merge_megatron(paths, out, weights, dtype=None, overwrite=False) -> str:
     return out
 
 
-def merge(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = None,
-          dtype: Optional[torch.dtype] = None, overwrite: bool = False, **kwargs) -> str:
-    paths = list(paths)
-    weights = normalise_weights(weights, len(paths))
-    for p in paths:
+def checkpoint_kind(paths: Sequence[str], labels: Optional[Sequence[str]] = None) -> str:
+    """"hf" or "megatron" for directories that must all be of one kind (refused otherwise)."""
+    for p, label in zip(paths, labels or paths):
         if not os.path.isdir(p):
-            raise FileNotFoundError(f"input {p} is not a directory")
+            raise FileNotFoundError(f"input {label} is not a directory")
     kinds = {"hf" if os.path.isfile(os.path.join(p, "config.json")) else "megatron" for p in paths}
     if len(kinds) > 1:
         raise CheckpointMismatch("the inputs mix Hugging Face and Megatron checkpoints; convert them to one kind "
                                  "first (instella convert)")
-    check_output(out, overwrite, inputs=paths)
-    if kinds == {"hf"}:
-        return merge_hf(paths, out, weights, dtype, overwrite, **kwargs)
-    return merge_megatron(paths, out, weights, dtype, overwrite)
+    return kinds.pop()
+
+
+def merge(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = None,
+          dtype: Optional[torch.dtype] = None, overwrite: bool = False, *, spec: Optional[MergeSpec] = None,
+          **kwargs) -> str:
+    """Merge ``paths`` into ``out``: the (weighted) mean, or the method of ``spec`` (whose inputs win)."""
+    if spec is None:
+        weights = normalise_weights(weights, len(paths))
+        spec = MergeSpec("weighted" if len(set(weights)) > 1 else "uniform", list(paths), weights=weights).check()
+    if spec.method == "greedy-soup":
+        raise MergeConfigError("greedy soup evaluates its candidates: use instella merge --method greedy-soup "
+                               "--heldout DATA (merge_soup.greedy_soup)")
+    all_paths = list(spec.inputs) + ([spec.base] if spec.base else [])
+    if spec.base and os.path.realpath(spec.base) in {os.path.realpath(p) for p in spec.inputs}:
+        raise MergeConfigError(f"the base {spec.base} is also an input; the task vector of the base is zero")
+    kind = checkpoint_kind(all_paths, _labels(spec))
+    check_output(out, overwrite, inputs=all_paths)
+    dtype = dtype or (DTYPES[spec.dtype] if spec.dtype else None)
+    if kind == "hf":
+        return merge_hf(spec, out, dtype, overwrite, **kwargs)
+    return merge_megatron(spec, out, dtype, overwrite)
