@@ -124,3 +124,96 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_task_data(tmp_path_factory.mktemp("taskdata"))
+
+
+LM_EVAL_TASKS = {  # our task -> (lm-eval's task YAML under lm_eval/tasks, split, data file under the data dir)
+    "arc_challenge": ("arc/arc_challenge.yaml", "test", "allenai/ai2_arc/ARC-Challenge/test.jsonl"),
+    "boolq": ("super_glue/boolq/default.yaml", "validation", "aps/super_glue/boolq/validation.jsonl"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "validation", "Rowan/hellaswag/validation.jsonl"),
+    "piqa": ("piqa/piqa.yaml", "validation", "baber/piqa/validation.jsonl"),
+    "sciq": ("sciq/sciq.yaml", "test", "allenai/sciq/test.jsonl"),
+    "winogrande": ("winogrande/default.yaml", "validation", "allenai/winogrande/winogrande_xl/validation.jsonl"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "test", "allenai/openbookqa/main/test.jsonl"),
+}
+MC_METRICS = ["acc", "acc_norm", "acc_mutual_info"]
+GEN_TASK = {  # a greedy generation task, the same in both vocabularies
+    "doc_to_text": "Q: {{question}}\nA:", "doc_to_target": "{{ answer | after('####') | trim }}",
+}
+
+
+def _lm_eval_yaml(folder, ours, data_dir):
+    import lm_eval
+
+    rel, split, data = LM_EVAL_TASKS[ours]
+    base = f"{lm_eval.__path__[0]}/tasks/{rel}"
+    metrics = "".join(f"\n  - metric: {m}" for m in MC_METRICS)
+    (folder / f"p_{ours}.yaml").write_text(
+        f"include: {base}\ntask: p_{ours}\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    {split}: {data_dir / data}\n"
+        f"training_split: null\nvalidation_split: {split if split == 'validation' else 'null'}\n"
+        f"test_split: {split if split == 'test' else 'null'}\nmetric_list:{metrics}\n")
+
+
+def _lm_eval_gen_yaml(folder, data_dir):
+    (folder / "p_gen.yaml").write_text(
+        "task: p_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data_dir / 'openai/gsm8k/main/test.jsonl'}\noutput_type: generate_until\ntest_split: test\n"
+        "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: \"{{answer.split('####')[-1].strip()}}\"\n"
+        "generation_kwargs:\n  until: [\"Q:\", \"\\n\\n\"]\n  do_sample: false\n  max_gen_toks: 24\n"
+        "metric_list:\n  - metric: exact_match\n")
+
+
+@pytest.fixture(scope="module")
+def lm_eval_run(tiny_dir, data_dir, tmp_path_factory):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path_factory.mktemp("lmeval_tasks")
+    for ours in LM_EVAL_TASKS:
+        _lm_eval_yaml(folder, ours, data_dir)
+    _lm_eval_gen_yaml(folder, data_dir)
+    lm = HFLM(pretrained=str(tiny_dir), dtype="float32", batch_size=4, device="cpu")
+    out = simple_evaluate(model=lm, tasks=[f"p_{t}" for t in LM_EVAL_TASKS] + ["p_gen"], num_fewshot=0,
+                          task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                          log_samples=True, limit=6)
+    return {name[2:]: sorted(samples, key=lambda s: s["doc_id"]) for name, samples in out["samples"].items()}
+
+
+@pytest.fixture(scope="module")
+def ours_run(tiny_dir, data_dir):
+    from dataclasses import replace
+
+    tasks = [replace(load_task(t), metrics=tuple(MC_METRICS)) for t in LM_EVAL_TASKS]
+    gen = task_from_dict({"name": "gen", "output": "generate", "dataset": {"path": "openai/gsm8k", "name": "main"},
+                          "test_split": "test", **GEN_TASK, "metrics": ["exact_match"],
+                          "generation": {"max_new_tokens": 24, "until": ["Q:", "\n\n"]},
+                          "answer": {"fallback": "text"}}, "parity-gen")
+    backend = HFBackend(str(tiny_dir), batch_size=5)
+    return evaluate(tasks + [gen], backend, str(data_dir), limit=6)
+
+
+@pytest.mark.parametrize("task", list(LM_EVAL_TASKS))
+def test_multiple_choice_matches_lm_eval_per_example(task, lm_eval_run, ours_run):
+    theirs, ours = lm_eval_run[task], ours_run["samples"][task]
+    assert len(theirs) == len(ours) == 6
+    worst = 0.0
+    for t, o in zip(theirs, ours):
+        n = len(o["lls"])
+        lls = [r[0][0] for r in t["resps"]]
+        assert len(lls) == 2 * n  # conditional, then unconditional (acc_mutual_info)
+        worst = max(worst, max(abs(a - b) for a, b in zip(lls, o["lls"] + o["lls_uncond"])))
+        assert [bool(r[0][1]) for r in t["resps"][:n]] == o["is_greedy"]
+        for m in MC_METRICS:
+            assert t[m] == o["metrics"][m], (task, t["doc_id"], m)
+    print(f"{task}: max |loglikelihood difference| vs lm-eval {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_greedy_generation_matches_lm_eval(lm_eval_run, ours_run):
+    theirs, ours = lm_eval_run["gen"], ours_run["samples"]["gen"]
+    assert len(theirs) == len(ours) == 6
+    for t, o in zip(theirs, ours):
+        assert t["resps"][0][0] == o["responses"][0]
+        assert t["exact_match"] == o["metrics"]["exact_match"]
+    assert sum(len(o["responses"][0]) for o in ours) > 0

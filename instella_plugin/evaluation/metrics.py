@@ -3,7 +3,8 @@
 Multiple choice, from the log-likelihood ``ll[i]`` of each choice's continuation (lm-eval's
 definitions): ``acc`` argmax ll; ``acc_norm`` argmax ll / len(choice in characters); ``acc_per_token``
 argmax ll / (continuation tokens); ``acc_mutual_info`` argmax ll - ll_uncond, the unconditional
-log-likelihood of the same continuation after only the BOS/EOS token. Ties go to the first choice
+log-likelihood of ``target_delimiter + choice`` after only the BOS/EOS token (with choices in the
+context, WinoGrande's partial scoring, that is the filled-in context: lm-eval's definition). Ties go to the first choice
 (numpy's argmax). Generation: ``exact_match`` of the first sample's extracted answer; ``pass@k`` over
 ``n`` samples with ``c`` correct by the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021,
 "Evaluating Large Language Models Trained on Code").

@@ -71,8 +71,8 @@ def build_requests(cfg: TaskConfig, examples: List[Example], tokenizer, max_leng
             prompts.append(ids)
             continue
         ex_pairs = [encode_pair(tokenizer, c, k) for c, k in zip(ex.contexts, ex.continuations)]
-        if needs_uncond(cfg):
-            ex_pairs += [encode_pair(tokenizer, "", k) for k in ex.continuations]
+        if needs_uncond(cfg):  # lm-eval's unconditional terms: each choice's text after BOS alone
+            ex_pairs += [encode_pair(tokenizer, "", cfg.target_delimiter + c) for c in ex.choices]
         for ctx, cont in ex_pairs:
             if len(ctx) + len(cont) - 1 > max_length or not cont:
                 raise ContextTooLong(f"{where}: context of {len(ctx)} tokens + continuation of {len(cont)} does not "
