@@ -66,7 +66,7 @@ def load_tokenizer(path_or_name: str | None = None):
     ``AutoTokenizer.from_pretrained`` (a local directory or a name already in the Hugging Face cache).
     An already loaded tokenizer is returned as it is.
     """
-    if hasattr(path_or_name, "encode"):
+    if not isinstance(path_or_name, str) and hasattr(path_or_name, "encode"):
         return path_or_name
     if path_or_name in (None, "", "instella"):
         tok = _load(instella_tokenizer_path())
