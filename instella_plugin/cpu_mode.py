@@ -219,6 +219,16 @@ for _module in ("megatron.core.transformer.utils", "megatron.core.fusions.fused_
                     _cpu_sliding_window_mask, signature=("sq", "skv", "window_size"), reason=_WHY_MASK)
 
 
+def _tensor_present(tensor):
+    assert tensor is not None
+
+
+PATCHES.replace("inference_tensor_check", "megatron.core.inference.communication_utils", "_is_cuda", _tensor_present,
+                signature=("tensor",),
+                reason="megatron's inference asserts tensor.is_cuda before broadcasting logits from the last "
+                       "pipeline stage and before pipeline sends; on the CPU only the not-None half applies")
+
+
 @PATCHES.register("gloo_barrier", "torch.distributed", "barrier", wraps=False,
                   signature=("group", "async_op", "device_ids", "timeout"),
                   reason="megatron passes barrier(device_ids=...), which gloo rejects; dropped", **_TORCH)

@@ -1,0 +1,44 @@
+"""Next-token choice from last-position logits: greedy, or temperature, top-k and top-p sampling.
+
+The filters follow transformers' logits processors (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+``TopPLogitsWarper``), applied in that order, so ``top_k`` and ``top_p`` combine (megatron-core's own
+sampler takes one or the other). Top-p keeps the smallest set of most likely tokens whose probability
+reaches ``top_p`` (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"), never fewer
+than one. Sampling draws from a ``torch.Generator`` the caller seeds, so a seed gives the same tokens.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[batch, vocab] logits -> scaled logits with the filtered-out tokens at -inf (a new tensor)."""
+    out = logits.float() / temperature if temperature not in (0.0, 1.0) else logits.float().clone()
+    if top_k > 0:
+        k = min(top_k, out.shape[-1])
+        kth = torch.topk(out, k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(out, dim=-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1.0 - top_p)
+        drop_sorted[..., -1:] = False  # the most likely token always stays
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [batch], their log-probabilities under the model [batch]) for last-position logits.
+
+    ``temperature == 0`` is greedy (argmax). The log-probabilities are the model's own (log-softmax of
+    the unscaled, unfiltered logits), what a policy-gradient objective compares against.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    if temperature == 0.0:
+        tokens = torch.argmax(logits, dim=-1)
+    else:
+        probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1, generator=generator).view(-1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
