@@ -28,8 +28,10 @@ setup(
     version="0.1.0",
     description="AMD Instella language models on Megatron-Core: model, data blends, RoPE schedules, recipes, kernels, launchers",
     packages=find_packages(include=["instella_plugin", "instella_plugin.*"]),
-    package_data={"instella_plugin": ["recipes/*.yaml", "blends/*.yaml", "launch/*.yaml", "launch/profiles/*.yaml", "launch/*.sh", "data/fixtures/*", "data/*.yaml", "synth/*.yaml",
-                                    "evaluation/tasks/*.yaml", "evaluation/tasks/*/*.yaml"]},
+    package_data={"instella_plugin": [
+        "recipes/*.yaml", "blends/*.yaml", "launch/*.yaml", "launch/profiles/*.yaml", "launch/*.sh",
+        "data/fixtures/*", "data/*.yaml", "synth/*.yaml", "evaluation/tasks/*.yaml", "evaluation/tasks/*/*.yaml",
+    ]},
     python_requires=">=3.10",
     install_requires=["torch", "megatron-core", "transformers", "pyyaml", "psutil", "safetensors", "numpy", "tqdm"],
     extras_require={
