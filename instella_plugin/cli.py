@@ -18,10 +18,11 @@ SUBCOMMANDS = {
     "layout": ("instella_plugin.training.layout", "check a parallel layout (TP x PP x CP x DP, batch arithmetic)"),
     "submit": ("instella_plugin.launch.submit", "Slurm batch submission from a recipe and a cluster profile"),
     "train": ("instella_plugin.training.entry", "the trainer (same as pretrain_gpt.py --plugin instella)"),
+    "eval": ("instella_plugin.evaluation.cli", "benchmark a Megatron checkpoint or HF directory on local task data"),
 }
 # Subcommands whose work imports megatron-core: imported first with torch.compile deferred (see
 # megatron_import); the others (and every --help) never import it.
-NEEDS_MEGATRON = {"data", "convert", "merge", "train"}
+NEEDS_MEGATRON = {"data", "convert", "merge", "train", "eval"}
 
 
 def main(argv=None) -> int:

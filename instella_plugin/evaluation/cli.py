@@ -58,14 +58,14 @@ def run(args) -> int:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     tasks = resolve_tasks(args.tasks, args.suite)
     prepared = prepare(tasks, args.data_dir, args.limit)
-    _distributed()
     if args.hf:
+        _distributed()
         backend = HFBackend(args.hf, dtype=args.dtype, batch_size=args.batch_size)
     else:
         backend = MegatronBackend(args.load, tp=args.tensor_model_parallel_size,
                                   pp=args.pipeline_model_parallel_size, dtype=args.dtype,
                                   batch_size=args.batch_size)
-    leader = backend.dp_rank == 0 and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
+    leader = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     log = print if leader else None
     start = time.time()
     out = evaluate(tasks, backend, prepared=prepared, log=log)

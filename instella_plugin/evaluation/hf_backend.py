@@ -82,7 +82,7 @@ class HFBackend:
                     reason = "eos"
                     break
                 tokens.append(t)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if reason == "length" and any(s in text for s in params.stop):
                 reason = "stop"
             completions.append(Completion(tuple(prompt), tuple(tokens), text, reason))

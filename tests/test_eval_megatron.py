@@ -1,0 +1,83 @@
+"""The Megatron backend: a converted checkpoint scores like the Hugging Face directory it came from,
+at TP=2, and data-parallel ranks split the work without changing a single number.
+
+The tiny model of ``test_eval_parity`` is converted with ``hf_to_megatron``; two gloo ranks load it
+with the evaluation's Megatron backend (megatron-core inference) at TP=2 and must give the HF
+backend's per-example log-likelihoods within 1e-4 and the same metrics (multiple choice, and greedy
+generation). At TP=1 the two ranks are data-parallel: the result must equal, exactly, what one rank
+computes alone (DP=1) on the same batches.
+"""
+import pytest
+
+from instella_plugin.evaluation.hf_backend import HFBackend
+from instella_plugin.evaluation.runner import evaluate
+from instella_plugin.evaluation.task_config import load_task, task_from_dict
+from instella_plugin.hf.convert import hf_to_megatron
+from instella_plugin.testing.distributed import run_distributed
+
+from test_eval_parity import write_task_data, write_tiny_model
+
+pytestmark = pytest.mark.dist
+LIMIT = 4
+
+
+def _tasks():
+    gen = task_from_dict({"name": "gen", "output": "generate", "dataset": {"path": "openai/gsm8k", "name": "main"},
+                          "test_split": "test", "doc_to_text": "Q: {{question}}\nA:",
+                          "doc_to_target": "{{ answer | after('####') | trim }}", "metrics": ["exact_match"],
+                          "generation": {"max_new_tokens": 12, "until": ["Q:", "\n\n"]},
+                          "answer": {"fallback": "text"}}, "test-gen")
+    return [load_task("arc_challenge"), load_task("winogrande"), load_task("mmlu"), gen]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megatron_eval")
+    hf = write_tiny_model(root / "hf")
+    hf_to_megatron(str(hf), str(root / "ckpt"))
+    return hf, root / "ckpt", write_task_data(root / "data", n=8)
+
+
+def _megatron_worker(ckpt, data_dir, tp, dp1_too):
+    from instella_plugin.evaluation.megatron_backend import MegatronBackend
+
+    backend = MegatronBackend(str(ckpt), tp=tp, batch_size=3)
+    out = {"dp": backend.dp_size, "result": evaluate(_tasks(), backend, str(data_dir), limit=LIMIT)}
+    if dp1_too:   # the same model, one rank doing every batch: the DP=1 computation
+        backend.dp_rank, backend.dp_size, backend.gather = 0, 1, lambda obj: [obj]
+        out["dp1"] = evaluate(_tasks(), backend, str(data_dir), limit=LIMIT)
+    return out
+
+
+def _compare(a, b, tol):
+    worst = 0.0
+    for task in a["samples"]:
+        for x, y in zip(a["samples"][task], b["samples"][task], strict=True):
+            assert x["metrics"] == y["metrics"], (task, x["index"])
+            if "lls" in x:
+                worst = max(worst, max(abs(p - q) for p, q in zip(x["lls"], y["lls"], strict=True)))
+            else:
+                assert x["responses"] == y["responses"]
+    assert worst <= tol
+    return worst
+
+
+def test_megatron_tp2_equals_hf_backend(files):
+    hf, ckpt, data = files
+    ours_hf = evaluate(_tasks(), HFBackend(str(hf), batch_size=3), str(data), limit=LIMIT)
+    ranks = run_distributed(_megatron_worker, 2, ckpt, data, 2, False, tp=2)
+    assert ranks[0]["dp"] == 1
+    assert ranks[0]["result"]["samples"] == ranks[1]["result"]["samples"]
+    worst = _compare(ranks[0]["result"], ours_hf, 1e-4)
+    print(f"Megatron TP=2 vs HF: max |loglikelihood difference| {worst:.2e}")
+    assert sum(len(s["responses"][0]) for s in ours_hf["samples"]["gen"]) > 0
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_give_the_dp1_numbers(files):
+    _, ckpt, data = files
+    ranks = run_distributed(_megatron_worker, 2, ckpt, data, 1, True, tp=1)
+    assert ranks[0]["dp"] == 2
+    assert ranks[0]["result"] == ranks[1]["result"]       # every rank holds all results
+    assert ranks[0]["result"]["samples"] == ranks[0]["dp1"]["samples"]   # exactly, not within a tolerance
+    assert ranks[0]["result"]["results"] == ranks[0]["dp1"]["results"]
