@@ -18,11 +18,13 @@ SUBCOMMANDS = {
     "layout": ("instella_plugin.training.layout", "check a parallel layout (TP x PP x CP x DP, batch arithmetic)"),
     "submit": ("instella_plugin.launch.submit", "Slurm batch submission from a recipe and a cluster profile"),
     "train": ("instella_plugin.training.entry", "the trainer (same as pretrain_gpt.py --plugin instella)"),
+    "generate": ("instella_plugin.inference.cli", "text from a Megatron checkpoint (megatron-core inference, any TP/PP)"),
     "eval": ("instella_plugin.evaluation.cli", "benchmark a Megatron checkpoint or HF directory on local task data"),
+    "synth": ("instella_plugin.synth.cli", "synthetic data from a generator (gsm8k); also `instella data synth`"),
 }
 # Subcommands whose work imports megatron-core: imported first with torch.compile deferred (see
 # megatron_import); the others (and every --help) never import it.
-NEEDS_MEGATRON = {"data", "convert", "merge", "train", "eval"}
+NEEDS_MEGATRON = {"data", "convert", "merge", "train", "synth", "generate", "eval"}
 
 
 def main(argv=None) -> int:
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
             parser.error(f"unknown command {argv[0]!r}; choose from: {', '.join(SUBCOMMANDS)}")
         parser.print_help()
         return 0 if argv else 2
+    if argv[:2] == ["data", "synth"]:  # synthesis sits above the data layer (it generates): its own module
+        argv = argv[1:]
     name = argv[0]
     if name in NEEDS_MEGATRON and not {"-h", "--help"} & set(argv[1:]):
         import_megatron_core()

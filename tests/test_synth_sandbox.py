@@ -7,7 +7,7 @@ import pytest
 
 from instella_plugin.synth.sandbox import SandboxLimits, check_program, run_program
 
-LIMITS = SandboxLimits(call_timeout_s=0.5, memory_mb=256)
+LIMITS = SandboxLimits(call_timeout_s=1.0, memory_mb=256)
 CALL = [{"function": "answer", "kwargs": {"a": 3, "b": 4}}]
 
 
@@ -26,6 +26,7 @@ def _one(source, static_check=True):
     ("def answer(a, b):\n    return 10 ** 10 ** 8", "timeout"),
     ("while True:\n    pass\ndef answer(a, b):\n    return 1", "timeout"),
     ("def answer(a, b):\n    x = []\n    while True:\n        x.append(bytearray(10 ** 7))", "memory limit"),
+    ("def answer(a, b):\n    x = b'x'\n    while True:\n        x = x + x", "memory limit"),
     ("def answer(a, b):\n    return len([0] * 10 ** 10)", "memory limit"),
     ("import os\ndef answer(a, b):\n    return 1", "imports os"),
     ("import subprocess\ndef answer(a, b):\n    return 1", "imports subprocess"),
