@@ -12,6 +12,8 @@ from functools import partial
 
 from instella_plugin.data.blends import BlendError, resolve_blend
 from instella_plugin.data.sft import PreferenceDataset, SFTDataset
+from instella_plugin.data.tokenizer import load_tokenizer
+from instella_plugin.evaluation.in_loop import InLoopEvaluation
 from instella_plugin.model.build import build_gpt_chunks
 from instella_plugin.model.config import InstellaConfig, get_preset
 from instella_plugin.model.context_parallel import batch_for_cp_rank, check_cp_layout
@@ -83,6 +85,10 @@ class InstellaPlugin(GPTPlugin):
                        help="token-mean: loss averaged over the batch's tokens; sum: each sequence's token losses "
                             "summed, averaged over the batch's sequences (Instella-Math SFT 2, reduce_loss: sum)")
         add_grpo_arguments(parser)
+        g.add_argument("--eval-tasks", help="downstream tasks (names, YAML paths or a suite) scored on the live "
+                                            "model at each --eval-interval (docs/evaluation.md)")
+        g.add_argument("--eval-tasks-data", help="local task data directory for --eval-tasks")
+        g.add_argument("--eval-tasks-limit", type=int, help="first N examples of each --eval-tasks task")
 
     # ---- configuration -------------------------------------------------------------------------------
     def recipe(self, flags):
@@ -179,6 +185,8 @@ class InstellaPlugin(GPTPlugin):
                            flags.grpo_answer_key)
             except (ValueError, PromptDataError) as e:
                 raise SystemExit(f"error: {e}")
+        if flags.eval_tasks:
+            self._downstream_evaluation(run)  # tasks and data read now: a bad one stops the run before training
         if run.layout.cp > 1:
             if flags.cp_comm_type != "a2a" and flags.transformer_impl == "local":
                 raise SystemExit(f"error: --cp-comm-type {flags.cp_comm_type} needs Transformer Engine; the local "
@@ -291,6 +299,24 @@ class InstellaPlugin(GPTPlugin):
 
     def apply_rope_theta(self, model_chunks, theta: float) -> None:
         set_rotary_base(model_chunks, theta)
+
+    def _downstream_evaluation(self, run) -> InLoopEvaluation:
+        flags = run.flags
+        if getattr(self, "_downstream", None) is None:
+            if run.layout.virtual_pipeline_size:
+                raise SystemExit("error: --eval-tasks runs megatron-core inference, which takes one model chunk "
+                                 "per rank: drop --num-layers-per-virtual-pipeline-stage or --eval-tasks")
+            try:
+                self._downstream = InLoopEvaluation(flags.eval_tasks, flags.eval_tasks_data, flags.eval_tasks_limit,
+                                                    load_tokenizer(flags.tokenizer_model), run.model.seq_length,
+                                                    batch_size=max(run.layout.micro_batch_size, 4))
+            except (ValueError, OSError) as e:
+                raise SystemExit(f"error: --eval-tasks: {e}")
+        return self._downstream
+
+    def downstream_eval(self, run, model_chunks, iteration: int) -> dict:
+        """--eval-tasks scores on the live model (weights shared with the trainer, no save/reload)."""
+        return self._downstream_evaluation(run)(model_chunks) if run.flags.eval_tasks else {}
 
     def checkpoint_meta(self, run, iteration: int = 0) -> dict:
         rope, last = run.plugin_values["rope"], max(iteration - 1, 0)

@@ -27,8 +27,12 @@ def pretrain(run, plugin) -> dict:
     losses, exit_reason = {}, None
 
     def evaluate():
+        loss = None
         if valid_ds is not None and flags.eval_iters and (flags.eval_interval or flags.skip_train):
-            progress.eval(trainer.iteration, trainer.evaluate(valid_ds))
+            loss = trainer.evaluate(valid_ds)
+        scores = plugin.downstream_eval(run, trainer.model, trainer.iteration)  # --eval-tasks, when given
+        if loss is not None or scores:
+            progress.eval(trainer.iteration, loss, scores)
 
     if flags.skip_train:
         evaluate()

@@ -157,6 +157,10 @@ class GPTPlugin:
     def checkpoint_meta(self, run, iteration: int = 0) -> dict:
         return {}
 
+    def downstream_eval(self, run, model_chunks, iteration: int) -> dict:
+        """Downstream task scores ({"task/metric": value}) on the live model at an eval interval; none here."""
+        return {}
+
     def check_resume(self, run, meta: dict) -> None:
         """Refuse a resume whose stored settings contradict the request (called before loading)."""
 

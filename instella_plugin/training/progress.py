@@ -93,11 +93,16 @@ class Progress:
             record["rope_theta"] = theta
         self._write(record, iteration)
 
-    def eval(self, iteration: int, loss: float):
+    def eval(self, iteration: int, loss: Optional[float], scores: Optional[dict] = None):
+        """Validation loss and downstream task scores ({"task/metric": value}, logged as eval/task/metric)."""
         if not self.report:
             return
-        print(f"eval at iteration {iteration} | eval loss {loss:.4f}", flush=True)
-        self._write({"iteration": iteration, "eval_loss": loss}, iteration)
+        parts = [] if loss is None else [f"eval loss {loss:.4f}"]
+        parts += [f"{k} {v:.4f}" for k, v in (scores or {}).items()]
+        print(f"eval at iteration {iteration} | " + " | ".join(parts), flush=True)
+        record = {"iteration": iteration, **({} if loss is None else {"eval_loss": loss})}
+        record.update({f"eval/{k}": v for k, v in (scores or {}).items()})
+        self._write(record, iteration)
 
     def _write(self, record, iteration, scalars=True):
         if self.jsonl:
