@@ -31,12 +31,9 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from instella_plugin.inference.api import Completion, Prompt, SamplingParams
 from instella_plugin.inference.controller import InstellaTextGenerationController, find_stop
 from instella_plugin.inference.megatron_tokenizer import MegatronTokenizerAdapter
+from instella_plugin.inference.prompts import check_fits, prompt_ids
 from instella_plugin.inference.scoring import loglikelihood
 from instella_plugin.training.model_setup import unwrap
-
-
-class PromptTooLong(ValueError):
-    """A prompt plus the tokens asked for does not fit the model's context."""
 
 
 class MegatronGenerator:
@@ -66,13 +63,7 @@ class MegatronGenerator:
     # ---- prompts --------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt) -> List[int]:
         """Token ids of a prompt: ids as given; text encoded, through the chat template when ``chat``."""
-        if not isinstance(prompt, str):
-            ids = [int(t) for t in prompt]
-        elif self.chat:
-            ids = list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                          add_generation_prompt=True, return_dict=False))
-        else:
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        ids = prompt_ids(self.tokenizer, prompt, self.chat) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("an empty prompt: give at least one token (the generator continues a prompt)")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -81,12 +72,7 @@ class MegatronGenerator:
         return ids
 
     def check_fits(self, ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-        for i, p in enumerate(ids):
-            if len(p) + max_new_tokens > self.max_sequence_length:
-                raise PromptTooLong(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} that is "
-                    f"{len(p) + max_new_tokens} > the model's context of {self.max_sequence_length} tokens: "
-                    "shorten the prompt or lower --max-new-tokens")
+        check_fits(ids, max_new_tokens, self.max_sequence_length)
 
     # ---- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
