@@ -20,6 +20,7 @@ from instella_plugin.data.readers import ARROW_EXT, JSONL_EXT, PARQUET_EXT, _hf_
 
 SOURCES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sources.yaml")
 KINDS = ("chat", "preference", "prompt")
+JSON_CHUNK_BYTES = 1 << 20
 _FIELD_KEYS = ("messages", "prompt", "response", "chosen", "rejected", "answer", "question", "choices")
 
 
@@ -133,7 +134,10 @@ def iter_rows(files: Sequence[str], limit: Optional[int] = None) -> Iterator[Tup
     """``(row, "file#n")`` for every row of every file, streamed through ``datasets``."""
     count = 0
     for path in files:
-        stream = datasets.load_dataset(_builder_for(path), data_files=[path], split="train", streaming=True)
+        builder = _builder_for(path)
+        # JSON is parsed in 1 MiB blocks (datasets' default, 10 MiB, keeps ~70 MB more resident for nothing)
+        options = {"chunksize": JSON_CHUNK_BYTES} if builder == "json" else {}
+        stream = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
         for n, row in enumerate(stream, 1):
             if limit is not None and count >= limit:
                 return
