@@ -99,7 +99,8 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if dtype == torch.float32 else t.to(dtype)
 
 
-def merge_hf(spec: MergeSpec, out, dtype=None, overwrite=False, max_shard_bytes=5 * 1024 ** 3) -> str:
+def merge_hf(spec: MergeSpec, out, dtype=None, overwrite=False, max_shard_bytes=5 * 1024 ** 3,
+             record_extra=None) -> str:
     paths = list(spec.inputs) + ([spec.base] if spec.base else [])
     cks = [formats.HFCheckpoint(p) for p in paths]  # each checked against its own config.json
     fmts = {c.format for c in cks}
@@ -125,11 +126,11 @@ def merge_hf(spec: MergeSpec, out, dtype=None, overwrite=False, max_shard_bytes=
                     "model.safetensors.index.json", RECORD):
                 shutil.copyfile(src, os.path.join(tmp, f))
         write_json(os.path.join(tmp, RECORD), _record(spec, dtype or ref.dtype(plan[0][0]), "hf",
-                                                      {"format": cks[0].format}))
+                                                      {"format": cks[0].format, **(record_extra or {})}))
     return out
 
 
-def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False) -> str:
+def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False, record_extra=None) -> str:
     paths = list(spec.inputs) + ([spec.base] if spec.base else [])
     flags = ["--inputs"] * spec.n + (["--base"] if spec.base else [])
     opened = [open_megatron(p, flag=f) for p, f in zip(paths, flags)]  # each checked against its own configuration
@@ -158,7 +159,8 @@ def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False) -> str:
 
     iterations = {m.get("iteration") for m in metas}
     iteration = iterations.pop() if len(iterations) == 1 and None not in iterations else 0
-    record = _record(spec, dtype, "megatron", {"iterations": [m.get("iteration") for m in metas]})
+    record = _record(spec, dtype, "megatron", {"iterations": [m.get("iteration") for m in metas],
+                                                  **(record_extra or {})})
     with atomic_output(out, overwrite) as tmp:
         it_dir = iteration_dir(tmp, iteration)
         os.makedirs(it_dir)
@@ -187,7 +189,7 @@ def checkpoint_kind(paths: Sequence[str], labels: Optional[Sequence[str]] = None
 
 def merge(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = None,
           dtype: Optional[torch.dtype] = None, overwrite: bool = False, *, spec: Optional[MergeSpec] = None,
-          **kwargs) -> str:
+          record_extra: Optional[dict] = None, **kwargs) -> str:
     """Merge ``paths`` into ``out``: the (weighted) mean, or the method of ``spec`` (whose inputs win)."""
     if spec is None:
         weights = normalise_weights(weights, len(paths))
@@ -202,5 +204,5 @@ def merge(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = N
     check_output(out, overwrite, inputs=all_paths)
     dtype = dtype or (DTYPES[spec.dtype] if spec.dtype else None)
     if kind == "hf":
-        return merge_hf(spec, out, dtype, overwrite, **kwargs)
-    return merge_megatron(spec, out, dtype, overwrite)
+        return merge_hf(spec, out, dtype, overwrite, record_extra=record_extra, **kwargs)
+    return merge_megatron(spec, out, dtype, overwrite, record_extra=record_extra)
