@@ -212,3 +212,17 @@ def test_an_interrupted_run_resumes_into_the_same_steps(tmp_path):
     assert rank0["first_stop"] == 2 and sorted(rank0["resumed"]) == [3, 4]
     for step in (3, 4):
         assert rank0["resumed"][step] == rank0["straight"][step], step  # bitwise: weights, optimizer, data, seeds
+
+
+@pytest.mark.slow
+def test_pretrain_gpt_runs_grpo_from_the_command_line(tmp_path):
+    """`pretrain_gpt.py --dataset-type grpo` reaches the GRPO loop through the plugin (torchrun, 2 ranks, TP=2)."""
+    from instella_plugin.testing.trainer import run_trainer
+
+    prompts = _write_prompts(tmp_path / "p.jsonl")
+    save = tmp_path / "run"
+    proc = run_trainer(2, _grpo_args(prompts, "--train-iters", 4, "--save", save, "--no-plot"))
+    assert "grpo: 16 prompts" in proc.stdout and "grpo step     2/2" in proc.stdout
+    log = [json.loads(line) for line in open(save / "grpo_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2] and all(r["iteration"] == 2 * r["step"] for r in log)
+    assert (save / "iter_0000004").is_dir()
