@@ -18,10 +18,12 @@ from tqdm import tqdm
 from instella_plugin.data.convert import RowConverter
 from instella_plugin.data.sources import SourceError, field_value, get_source, iter_rows, source_files
 from instella_plugin.flag_types import positive_int
-from instella_plugin.inference.loading import checkpoint_plan, init_inference_parallel, load_generator
+from instella_plugin.data.tokenizer import load_tokenizer
+from instella_plugin.inference.loading import checkpoint_plan, check_tokenizer, init_inference_parallel, load_generator
+from instella_plugin.inference.prompts import check_fits, prompt_ids
 from instella_plugin.synth.decontaminate import NgramIndex
 from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint, Retrying
-from instella_plugin.synth.gsm8k import SynthConfig, synthesise
+from instella_plugin.synth.gsm8k import SynthConfig, load_prompts, synthesise
 from instella_plugin.synth.sandbox import SandboxLimits
 
 
@@ -47,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--attempts", type=positive_int, default=24, help="parameter draws per seed")
     g.add_argument("--batch-size", type=positive_int, default=16, help="seeds per generator batch (and per save)")
     g.add_argument("--ngram", type=positive_int, default=13, help="decontamination n-gram size (words)")
+    g.add_argument("--program-tokens", type=positive_int, default=768, help="new tokens for a program")
+    g.add_argument("--solution-tokens", type=positive_int, default=384, help="new tokens for a solution")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--limit", type=positive_int, default=None, help="use the first N seeds")
     g.add_argument("--call-timeout", type=float, default=2.0, help="seconds a program call may run")
@@ -77,7 +81,7 @@ def _test_index(args) -> NgramIndex:
     return NgramIndex(texts, args.ngram)
 
 
-def _generator(args):
+def _generator(args, seeds):
     if args.endpoint:
         key = os.environ.get(args.api_key_env) if args.api_key_env else None
         if args.api_key_env and not key:
@@ -88,8 +92,14 @@ def _generator(args):
             raise ValueError("synthesis with --load runs in one process; serve a larger model behind an "
                              "OpenAI-compatible endpoint and use --endpoint")
         plan = checkpoint_plan(args.load)
+        tok = load_tokenizer(plan.tokenizer)
+        check_tokenizer(plan, tok)
+        # the longest program prompt must fit the model's context with its new tokens: checked before loading
+        longest = max(seeds, key=lambda s: len(s["prompt"]))["prompt"].strip()
+        check_fits([prompt_ids(tok, load_prompts()["abstract"].replace("{question}", longest), args.chat)],
+                   args.program_tokens, plan.seq_length)
         init_inference_parallel(1, 1)
-        gen = load_generator(plan, chat=args.chat)
+        gen = load_generator(plan, tokenizer=tok, chat=args.chat)
         gen.describe = lambda: f"megatron checkpoint {args.load}"
     return Retrying(gen, retries=args.retries, backoff_s=args.backoff, log=lambda m: print(m, file=sys.stderr))
 
@@ -101,9 +111,9 @@ def main(argv=None) -> int:
         if os.path.exists(args.output) and not args.overwrite:
             raise FileExistsError(f"output {args.output} already exists; pass --overwrite to replace it")
         seeds, index = _seeds(args), _test_index(args)
-        generator = _generator(args)
-        config = SynthConfig(per_seed=args.per_seed, attempts=args.attempts, seed=args.seed,
-                             batch_size=args.batch_size, ngram=args.ngram)
+        generator = _generator(args, seeds)
+        config = SynthConfig(per_seed=args.per_seed, attempts=args.attempts, seed=args.seed, batch_size=args.batch_size,
+                             ngram=args.ngram, abstract_tokens=args.program_tokens, solve_tokens=args.solution_tokens)
         limits = SandboxLimits(call_timeout_s=args.call_timeout, memory_mb=args.memory_mb)
         with tqdm(total=len(seeds), unit="seed", disable=args.no_progress, file=sys.stderr) as bar:
             def progress(n, summary):
@@ -119,6 +129,9 @@ def main(argv=None) -> int:
         return 2
     print(summary.report())
     print(f"wrote {args.output} and {args.output}.summary.json")
+    if summary.kept == 0:
+        print("instella data synth: error: no problem was kept; the reasons above say why", file=sys.stderr)
+        return 1
     return 0
 
 
