@@ -104,6 +104,9 @@ def write_task_data(root, n=12, seed=0):
                 "answer": f"It has {a} + {b} = <<{a}+{b}={a + b}>>{a + b}.\nSo {a + b} in all.\n#### {a + b}"}
     _jsonl(root / "openai/gsm8k/main/test.jsonl", [gsm(i) for i in range(n)])
     _jsonl(root / "openai/gsm8k/main/train.jsonl", [gsm(i) for i in range(20)])
+    _jsonl(root / "HuggingFaceH4/MATH-500/test.jsonl",
+           [{"problem": f"What is {i} + {i + 1}?", "solution": f"It is $\\boxed{{{2 * i + 1}}}$.",
+             "answer": str(2 * i + 1), "subject": "Algebra", "level": 1, "unique_id": f"m{i}"} for i in range(n)])
     for sub in load_task("bbh").subtasks:
         _jsonl(root / "lukaemon/bbh" / sub / "test.jsonl",
                [{"input": f"{_phrase(rng, 6)} is", "target": rng.choice(["True", "False", "(A)", "(B)"])}

@@ -77,18 +77,18 @@ def model_inputs(pairs, max_length: int) -> Tuple[List[List[int]], List[List[int
 
 
 def run_sharded(fn: Callable[[list], list], items: list, lengths: Sequence[int], batch_size: int,
-                dp_rank: int, dp_size: int, gather, progress: Callable[[int, int], None] = None) -> list:
+                dp_rank: int, dp_size: int, gather, progress: Callable[[int, int, int], None] = None) -> list:
     """``fn`` over ``items`` in length-sorted batches, batch b on rank b % dp_size; all results, in order."""
     order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    mine = {}
+    mine, share = {}, sum(len(batches[b]) for b in range(dp_rank, len(batches), dp_size))
     for b in range(dp_rank, len(batches), dp_size):
         results = fn([items[i] for i in batches[b]])
         if len(results) != len(batches[b]):
             raise RuntimeError(f"backend returned {len(results)} results for {len(batches[b])} requests")
         mine.update(zip(batches[b], results))
         if progress is not None:
-            progress(len(mine), len(items))
+            progress(len(mine), share, len(items))
     merged = {}
     for part in gather(mine):
         merged.update(part)

@@ -3,8 +3,8 @@
 Loads the directory with ``AutoModelForCausalLM`` (the Instella classes are registered by
 ``instella_plugin.hf``) and its tokenizer. Log-likelihoods come from one right-padded forward per
 batch (causal attention: padding after a row never reaches its scores); generation uses
-``model.generate``, greedy in left-padded batches, sampled prompt by prompt with a generator seeded
-from ``SamplingParams.seed`` so a sample does not depend on which batch or rank produced it.
+``model.generate``, greedy in left-padded batches, sampled prompt by prompt after seeding torch
+with ``SamplingParams.seed`` (+ the prompt's position), so a sample does not depend on its batch or rank.
 Data-parallel ranks are those of the default process group, when one is initialised.
 """
 import os
@@ -52,13 +52,9 @@ class HFBackend:
                for p in prompts]
         if params.greedy:
             return self._generate(ids, params, None)
-        out = []
-        for k, one in enumerate(ids):
-            gen = torch.Generator(device=self.device).manual_seed(params.seed + k)
-            out.extend(self._generate([one], params, gen))
-        return out
+        return [c for k, one in enumerate(ids) for c in self._generate([one], params, params.seed + k)]
 
-    def _generate(self, ids, params: SamplingParams, generator) -> List[Completion]:
+    def _generate(self, ids, params: SamplingParams, seed=None) -> List[Completion]:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         width = max(len(x) for x in ids)
         batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
@@ -72,7 +68,7 @@ class HFBackend:
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or None,
                           top_p=params.top_p)
-            torch.manual_seed(int(generator.initial_seed()))
+            torch.manual_seed(seed)  # transformers samples from the global generator
         out = self.model.generate(input_ids=batch, attention_mask=mask, **kwargs)
         completions = []
         for row, prompt in zip(out[:, width:].tolist(), ids):

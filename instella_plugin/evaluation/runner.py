@@ -63,7 +63,11 @@ def build_requests(cfg: TaskConfig, examples: List[Example], tokenizer, max_leng
     for ex in examples:
         where = f"task {ex.task}{f' ({ex.part})' if ex.part and cfg.subtasks else ''} example {ex.index}"
         if cfg.output == "generate":
-            ids = _encode(tokenizer, ex.contexts[0])
+            text = ex.contexts[0]
+            if cfg.chat:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+            ids = _encode(tokenizer, text)
             if len(ids) + cfg.generation.max_new_tokens > max_length:
                 raise ContextTooLong(f"{where}: prompt of {len(ids)} tokens + max_new_tokens "
                                      f"{cfg.generation.max_new_tokens} exceeds the model's context of {max_length}; "
@@ -92,14 +96,18 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _progress(what: str, log):
-    start = time.time()
+def _progress(what: str, log, every_s: float = 10.0):
+    """A reporter printing, at most every ``every_s`` seconds and at the end, requests done, rate and ETA."""
+    start, last = time.time(), [0.0]
 
-    def report(done: int, total: int):
-        if log is None:
+    def report(done: int, share: int, total: int):
+        now = time.time()
+        if log is None or (now - last[0] < every_s and done < share):
             return
-        rate = done / max(time.time() - start, 1e-9)
-        log(f"{what}: {done} of this rank's requests done ({total} in all), {rate:.1f}/s")
+        last[0] = now
+        rate = done / max(now - start, 1e-9)
+        log(f"{what}: {done}/{share} requests on this rank ({total} on all ranks) | {rate:.1f} requests/s | "
+            f"ETA {max(share - done, 0) / max(rate, 1e-9):.0f}s")
 
     return report
 
@@ -108,7 +116,8 @@ def run_requests(reqs: List[TaskRequests], backend, log=None) -> Tuple[list, lis
     """All log-likelihood and generation results, in request order, on every rank."""
     pairs = [p for r in reqs for p in r.pairs]
     ll = run_sharded(backend.loglikelihood, pairs, [len(c) + len(k) for c, k in pairs], backend.batch_size,
-                     backend.dp_rank, backend.dp_size, backend.gather, _progress("log-likelihood", log)) if pairs else []
+                     backend.dp_rank, backend.dp_size, backend.gather,
+                     _progress("log-likelihood", log)) if pairs else []
     items = []
     for r in reqs:
         g = r.cfg.generation
@@ -125,7 +134,8 @@ def run_requests(reqs: List[TaskRequests], backend, log=None) -> Tuple[list, lis
         return [c for ids, p in batch for c in backend.generate([ids], p)]
 
     gen = run_sharded(generate, items, [len(i) for i, _ in items], backend.batch_size, backend.dp_rank,
-                      backend.dp_size, backend.gather, _progress("generation", log)) if items else []
+                      backend.dp_size, backend.gather,
+                      _progress("generation", log)) if items else []
     return ll, [c.text for c in gen]
 
 

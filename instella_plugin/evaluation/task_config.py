@@ -72,6 +72,7 @@ class TaskConfig:
     generation: Generation = field(default_factory=Generation)
     answer: Answer = field(default_factory=Answer)
     checker: str = "exact_match"
+    chat: bool = False                   # generation prompt through the tokenizer's chat template (instruct models)
     primary_metric: Optional[str] = None
     source: str = ""                     # the YAML file it came from
 
@@ -145,6 +146,8 @@ def _check(cfg: TaskConfig) -> None:
         _fail(src, "a multiple_choice task needs doc_to_choice (an expression giving the list of choices)")
     if cfg.choices_in not in ("continuation", "context"):
         _fail(src, f"choices_in must be 'continuation' or 'context', got {cfg.choices_in!r}")
+    if cfg.chat and cfg.output != "generate":
+        _fail(src, "chat: true applies to generation tasks only")
     if cfg.checker not in CHECKERS:
         _fail(src, f"checker {cfg.checker!r} is not one of {sorted(CHECKERS)}")
     if not isinstance(cfg.num_fewshot, int) or cfg.num_fewshot < 0:
