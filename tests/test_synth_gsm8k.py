@@ -265,3 +265,24 @@ def test_command_line_end_to_end_through_an_endpoint(tmp_path, server, capsys):
     bad.write_text(json.dumps({"text": "x"}) + "\n")
     assert main(down[:5] + ["--test-set", str(bad), "--output", str(tmp_path / "b.jsonl")]) == 2
     assert "bad.jsonl#1: no field 'question'" in capsys.readouterr().err
+
+
+def test_held_out_texts_from_an_evaluation_task(tmp_path, server, capsys):
+    from instella_plugin.synth.held_out import task_texts
+
+    folder = tmp_path / "evaldata" / "openai" / "gsm8k" / "main"
+    folder.mkdir(parents=True)
+    (folder / "test.jsonl").write_text("".join(json.dumps({"question": q, "answer": "x\n#### 1"}) + "\n" for q in TEST_SET))
+    texts = task_texts(["gsm8k"], str(tmp_path / "evaldata"))
+    assert texts == [f"{q} x\n#### 1" for q in TEST_SET]
+    assert NgramIndex(texts).contaminated(CAKES.format(cakes=2, slices=3))
+    seeds = tmp_path / "train.jsonl"
+    seeds.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a, _, _ in SEEDS[8:10]))
+    out = tmp_path / "o.jsonl"
+    assert main(["gsm8k", "--endpoint", server, "--seeds", str(seeds), "--decontaminate-tasks", "gsm8k",
+                 "--eval-data-dir", str(tmp_path / "evaldata"), "--output", str(out), "--seed", "7", "--no-progress"]) == 1
+    summary = json.load(open(str(out) + ".summary.json"))
+    assert (summary["verified"], summary["decontaminated"], summary["kept"]) == (2, 4, 0)
+    assert main(["gsm8k", "--endpoint", server, "--seeds", str(seeds), "--decontaminate-tasks", "gsm8k",
+                 "--eval-data-dir", str(tmp_path / "nowhere"), "--output", str(out) + "2", "--no-progress"]) == 2
+    assert "no data for openai/gsm8k main split 'test'" in capsys.readouterr().err

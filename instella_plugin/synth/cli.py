@@ -24,6 +24,7 @@ from instella_plugin.inference.prompts import check_fits, prompt_ids
 from instella_plugin.synth.decontaminate import NgramIndex
 from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint, Retrying
 from instella_plugin.synth.gsm8k import SynthConfig, load_prompts, synthesise
+from instella_plugin.synth.held_out import task_texts
 from instella_plugin.synth.sandbox import SandboxLimits
 
 
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--test-set", nargs="+", default=(), help="held-out files to decontaminate against; default: "
                    "GSM8K test from the cache")
     g.add_argument("--test-field", default="question", help="text field of the --test-set rows")
+    g.add_argument("--decontaminate-tasks", default=None, help="also the test splits of these evaluation tasks "
+                   "(comma-separated, e.g. gsm8k,mmlu), read as `instella eval` reads them")
+    g.add_argument("--eval-data-dir", default=None, help="the task data directory of `instella eval`")
     gen = g.add_mutually_exclusive_group(required=True)
     gen.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     gen.add_argument("--load", help="a Megatron checkpoint to generate with (one process)")
@@ -74,10 +78,15 @@ def _seeds(args) -> list:
 
 
 def _test_index(args) -> NgramIndex:
-    files = source_files(get_source("gsm8k"), args.test_set, split="test")
-    texts = [field_value(row, args.test_field, where) for row, where in iter_rows(files)]
-    if not texts:
-        raise SourceError(f"the held-out set {', '.join(files)} is empty: decontamination needs it")
+    """GSM8K test (--test-set files, or the cache when no evaluation task is named) plus the tasks'."""
+    tasks = [t for t in (args.decontaminate_tasks or "").split(",") if t.strip()]
+    texts = task_texts([t.strip() for t in tasks], args.eval_data_dir) if tasks else []
+    if args.test_set or not tasks:
+        files = source_files(get_source("gsm8k"), args.test_set, split="test")
+        held = [field_value(row, args.test_field, where) for row, where in iter_rows(files)]
+        if not held:
+            raise SourceError(f"the held-out set {', '.join(files)} is empty: decontamination needs it")
+        texts += held
     return NgramIndex(texts, args.ngram)
 
 
