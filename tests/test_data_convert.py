@@ -295,3 +295,50 @@ def test_registry_covers_every_post_training_source_of_the_blends():
     assert get_source("am-deepseek-r1-distilled").english_only
     with pytest.raises(Filtered):
         RowConverter(get_source("smoltalk"))({"messages": [{"role": "user", "content": "x"}]}, "f#1", 0)
+
+
+U, A = {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}
+# One row per source in its public data set's field layout, and the record it must become.
+PUBLIC_ROWS = {
+    "smoltalk": ({"messages": [U, A], "source": "smol-rewrite"}, {"messages": [U, A]}),
+    "openmathinstruct-2-1m": ({"problem": "Q?", "generated_solution": "A.", "expected_answer": "1", "problem_source": "math"},
+                              {"messages": [U, A]}),
+    "openmathinstruct-2": ({"problem": "Q?", "generated_solution": "A.", "expected_answer": "1", "problem_source": "gsm8k"},
+                           {"messages": [U, A]}),
+    "tulu-3-instruction-following": ({"id": "x", "prompt": "Q?", "messages": [U, A], "constraints": ["c"]}, {"messages": [U, A]}),
+    "o1-journey": ({"question": "Q?", "longCOT": "A.\n####\n1", "answer": "1"}, {"messages": [U, A]}),
+    "tulu-3-sft": ({"id": "x", "messages": [U, A], "source": "s"}, {"text": "Q?\nA.\n"}),
+    "openhermes-2.5": ({"conversations": [{"from": "human", "value": "Q?", "weight": None},
+                                          {"from": "gpt", "value": "A.", "weight": None}], "source": "s"}, {"text": "Q?\nA.\n"}),
+    "webinstructsub": ({"question": "Q?", "answer": "A.", "source": "s", "index": 3}, {"text": "Q?\nA.\n"}),
+    "code-feedback": ({"id": 1, "messages": [U, A]}, {"text": "Q?\nA.\n"}),
+    "ultrachat-200k": ({"prompt": "Q?", "prompt_id": "p", "messages": [U, A]}, {"text": "Q?\nA.\n"}),
+    "olmo-2-preference-mix": ({"id": "x", "source": "s", "prompt": "Q?", "chosen": [U, A],
+                               "rejected": [U, {"role": "assistant", "content": "B."}]},
+                              {"chosen": [U, A], "rejected": [U, {"role": "assistant", "content": "B."}]}),
+    "am-deepseek-r1-distilled": ({"messages": [dict(U, info={"source": "s"}), dict(A, info={"answer_content": "A."})]},
+                                 {"messages": [U, A]}),
+    "big-math": ({"problem": "Q?", "answer": "1", "source": "s", "domain": ["d"], "llama8b_solve_rate": 0.2},
+                 {"prompt": "Q?", "answer": "1"}),
+    "deepmath-103k": ({"question": "Q?", "final_answer": "1", "difficulty": 5.0, "topic": "t", "r1_solution_1": "s1",
+                       "r1_solution_2": "s2", "r1_solution_3": "s3"}, {"prompt": "Q?", "answer": "1"}),
+    "deepscaler": ({"problem": "Q?", "answer": "1", "solution": "s"}, {"prompt": "Q?", "answer": "1"}),
+    "gsm8k": ({"question": "Q?", "answer": "steps <<1+0=1>>\n#### 1"}, {"prompt": "Q?", "answer": "1"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_ROWS))
+def test_every_source_on_its_public_layout(name, tmp_path):
+    row, expected = PUBLIC_ROWS[name]
+    src = get_source(name)
+    as_text = "text" in expected
+    assert as_text == bool(src.used_by.get("as_text"))
+    got = RowConverter(src, as_text=as_text)(row, "f#1", 0)
+    assert got == dict(id=f"{name}-0", source=name, **expected)
+    out = tmp_path / "o.jsonl"   # and through the files: JSONL in, the same record out
+    convert(name, str(out), [_jsonl(tmp_path / "in.jsonl", [row])], as_text=as_text)
+    assert _read(out) == [got]
+
+
+def test_every_source_but_the_mmlu_rewrite_has_a_public_row():
+    assert set(known_sources()) - set(PUBLIC_ROWS) == {"mmlu-auxiliary-train"}
