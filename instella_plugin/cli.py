@@ -13,7 +13,8 @@ from instella_plugin.megatron_import import import_megatron_core
 SUBCOMMANDS = {
     "data": ("instella_plugin.data.cli", "tokenise to Megatron .bin/.idx, index token files, resolve blends, format SFT"),
     "convert": ("instella_plugin.hf.convert_cli", "Megatron dist checkpoint <-> Hugging Face directory"),
-    "merge": ("instella_plugin.hf.merge_cli", "weight ensembling of checkpoints (uniform or weighted mean)"),
+    "merge": ("instella_plugin.hf.merge_cli", "weight ensembling of checkpoints (mean, layer-wise, SLERP, TIES, "
+                                            "DARE, greedy soup) and the seed-soup report"),
     "rope": ("instella_plugin.rope.cli", "RoPE base for a target context (scaling law)"),
     "layout": ("instella_plugin.training.layout", "check a parallel layout (TP x PP x CP x DP, batch arithmetic)"),
     "submit": ("instella_plugin.launch.submit", "Slurm batch submission from a recipe and a cluster profile"),
