@@ -283,8 +283,8 @@ def test_registry_covers_every_post_training_source_of_the_blends():
     for row in load_blend("sft")["train"]:
         src = by_prefix[("sft", row["prefix"])]
         assert src.kind == "chat" and src.name == row["name"]
-    text_rows = [r for r in load_blend("stage2")["train"] if r["prefix"].startswith("sft-as-text/")]
-    assert len(text_rows) == 5
+    text_rows = [r for r in load_blend("stage2")["train"] if r["prefix"].startswith(("sft-as-text/", "instella/"))]
+    assert len(text_rows) == 6
     for row in text_rows:
         src = by_prefix[("stage2", row["prefix"].split("/**")[0])]
         assert src.used_by["as_text"] and src.kind == "chat"
@@ -313,6 +313,7 @@ PUBLIC_ROWS = {
     "webinstructsub": ({"question": "Q?", "answer": "A.", "source": "s", "index": 3}, {"text": "Q?\nA.\n"}),
     "code-feedback": ({"id": 1, "messages": [U, A]}, {"text": "Q?\nA.\n"}),
     "ultrachat-200k": ({"prompt": "Q?", "prompt_id": "p", "messages": [U, A]}, {"text": "Q?\nA.\n"}),
+    "instella-gsm8k-synthetic": ({"messages": [U, A]}, {"text": "Q?\nA.\n"}),
     "olmo-2-preference-mix": ({"id": "x", "source": "s", "prompt": "Q?", "chosen": [U, A],
                                "rejected": [U, {"role": "assistant", "content": "B."}]},
                               {"chosen": [U, A], "rejected": [U, {"role": "assistant", "content": "B."}]}),
