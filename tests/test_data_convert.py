@@ -343,3 +343,21 @@ def test_every_source_on_its_public_layout(name, tmp_path):
 
 def test_every_source_but_the_mmlu_rewrite_has_a_public_row():
     assert set(known_sources()) - set(PUBLIC_ROWS) == {"mmlu-auxiliary-train"}
+
+
+def test_command_line(tmp_path, capsys):
+    from instella_plugin.data.cli import main
+
+    inp = _jsonl(tmp_path / "in.jsonl", SMOLTALK)
+    out = tmp_path / "out.jsonl"
+    assert main(["convert", "smoltalk", "--input", inp, "--output", str(out), "--limit", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "smoltalk: 3 rows read, 2 kept, 1 filtered\n  filtered (no assistant turn): 1" in printed
+    assert len(_read(out)) == 2
+    assert main(["convert", "--list"]) == 0 and "olmo-2-preference-mix" in capsys.readouterr().out
+    assert main(["convert", "smol", "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "unknown source 'smol'" in capsys.readouterr().err
+    assert main(["convert", "smoltalk", "--input", inp]) == 2
+    assert "--output is required" in capsys.readouterr().err
+    assert main(["convert", "smoltalk", "--input", inp, "--output", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
