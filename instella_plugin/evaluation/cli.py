@@ -4,6 +4,7 @@
                   [--limit N] [--output results.json] [--log-samples]
     instella eval fetch (--tasks a,b | --suite NAME) --data-dir DIR     # once, with network access
     instella eval compare RUN.json... [--plot scores.png]
+    instella eval niah --load CKPT --lengths 4K,8K --depths 0,0.5,1 --output-dir OUT   # long context
 
 Tasks and data are checked (files found, fields present, shots available) before the model loads;
 prompts against the model's context before scoring. Under ``torchrun`` the data-parallel ranks
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+from instella_plugin.evaluation import long_context_cli
 from instella_plugin.evaluation import results as R
 from instella_plugin.evaluation.compare import plot_scores
 from instella_plugin.evaluation.fetch import fetch
@@ -80,6 +82,8 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["niah"]:  # needle in a haystack over lengths x depths (long_context_cli)
+        return long_context_cli.main(argv[1:])
     if argv[:1] == ["fetch"]:
         p = argparse.ArgumentParser(prog="instella eval fetch", description="download task data once (network)")
         _task_arguments(p)
