@@ -326,6 +326,9 @@ class InstellaPlugin(GPTPlugin):
                 "recipe": run.recipe["name"] if run.recipe else None}
         meta.update(rope_meta(rope.theta_at(last), last, rope.describe()))
         meta["rope_scaling"] = run.plugin_values["rope_scaling"].to_meta()
+        if run.data.kind == "grpo":  # the step (data position, sampling seeds) and where the KL reference came from
+            meta["grpo"] = {"step": iteration // self.grpo_settings(run).updates_per_step,
+                            "reference": run.flags.pretrained_checkpoint or "the run's initial weights"}
         return meta
 
     def check_resume(self, run, meta: dict) -> None:

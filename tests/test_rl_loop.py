@@ -129,7 +129,7 @@ def _save_initial(argv, path):
     Trainer(run, plugin).save()
 
 
-def _sft_on_noisy_answers(prompts, path, steps=150):
+def _sft_on_noisy_answers(prompts, path, steps=40):
     """A brief SFT of the tiny model (LM objective, Trainer.train_step on our own batches) on "\\boxed{N}"
     answers that are right for half the samples and one too large for the other half, saved to ``path``:
     a policy that answers each prompt about 50 % correctly, which GRPO with the math reward can sharpen."""
@@ -164,12 +164,12 @@ def _learning_worker(prompts, out):
     sft_losses = _sft_on_noisy_answers(prompts, init)
     from instella_plugin.rl.loop import grpo
 
-    run, plugin = parse_args(_grpo_args(prompts, "--train-iters", 2 * 24, "--finetune", "--pretrained-checkpoint", init,
+    run, plugin = parse_args(_grpo_args(prompts, "--train-iters", 2 * 16, "--finetune", "--pretrained-checkpoint", init,
                                         "--save", os.path.join(out, "run"), "--grpo-samples-interval", "8",
                                         "--grpo-max-response-tokens", "8", "--lr", "1e-3"))
     res = grpo(run, plugin, plugin.grpo_settings(run))  # the math reward (DeepScaleR's rule)
     records = {k: {s: r[k] for s, r in res["records"].items()} for k in ("accuracy", "reward_mean", "kl")}
-    return {"sft_losses": sft_losses[::25], **records}
+    return {"sft_losses": sft_losses[::10], **records}
 
 
 @pytest.mark.slow
@@ -177,17 +177,18 @@ def test_accuracy_rises_over_a_tiny_sft_then_grpo_run_at_tp2(tmp_path):
     prompts = _write_prompts(tmp_path / "p.jsonl")
     rank0, _ = run_distributed(_learning_worker, 2, prompts, str(tmp_path), tp=2)
     acc = rank0["accuracy"]
-    first, last = sum(acc[s] for s in (1, 2, 3, 4)) / 4, sum(acc[s] for s in (21, 22, 23, 24)) / 4
-    print(f"SFT loss every 25 steps: {[round(x, 3) for x in rank0['sft_losses']]}")
-    print(f"training accuracy (math reward), steps 1-4: {first:.3f}; steps 21-24: {last:.3f}")
+    first, last = sum(acc[s] for s in (1, 2, 3)) / 3, sum(acc[s] for s in (14, 15, 16)) / 3
+    print(f"SFT loss every 10 steps: {[round(x, 3) for x in rank0['sft_losses']]}")
+    print(f"training accuracy (math reward) by step: {[round(acc[s], 3) for s in sorted(acc)]}")
+    print(f"steps 1-3: {first:.3f}; steps 14-16: {last:.3f}")
     assert 0.2 < first < 0.8  # the noisy SFT leaves both answers likely
     assert last > first + 0.15, acc
     assert rank0["reward_mean"] == acc  # the rule reward is 0/1: its mean is the accuracy
     assert all(v >= 0 for v in rank0["kl"].values()) and max(rank0["kl"].values()) > 0
     log = [json.loads(line) for line in open(tmp_path / "run" / "grpo_log.jsonl")]
-    assert [r["step"] for r in log] == list(range(1, 25))
+    assert [r["step"] for r in log] == list(range(1, 17))
     samples = [json.loads(line) for line in open(tmp_path / "run" / "grpo_rollouts.jsonl")]
-    assert {s["step"] for s in samples} == {1, 8, 16, 24} and len(samples) == 4 * 64
+    assert {s["step"] for s in samples} == {1, 8, 16} and len(samples) == 3 * 64
     assert all(s["reward"] in (0.0, 1.0) for s in samples)
     assert os.path.getsize(tmp_path / "run" / "grpo_curves.png") > 0
 
@@ -225,4 +226,5 @@ def test_pretrain_gpt_runs_grpo_from_the_command_line(tmp_path):
     assert "grpo: 16 prompts" in proc.stdout and "grpo step     2/2" in proc.stdout
     log = [json.loads(line) for line in open(save / "grpo_log.jsonl")]
     assert [r["step"] for r in log] == [1, 2] and all(r["iteration"] == 2 * r["step"] for r in log)
-    assert (save / "iter_0000004").is_dir()
+    meta = json.load(open(save / "iter_0000004" / "instella_meta.json"))
+    assert meta["grpo"] == {"step": 2, "reference": "the run's initial weights"}
