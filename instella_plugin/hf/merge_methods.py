@@ -53,6 +53,7 @@ class TensorPlan:
 
 
 def fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32: itself when it already is (readers return fresh tensors, which may be changed in place)."""
     if not x.is_floating_point():
         raise ValueError("a non-floating-point tensor cannot be merged")
     return x if x.dtype == torch.float32 else x.to(torch.float32)
@@ -74,7 +75,7 @@ def linear(read: Read, weights: Sequence[float]) -> torch.Tensor:
         if not x.is_floating_point():
             raise ValueError("a non-floating-point tensor cannot be averaged")
         if acc is None:
-            acc = x.to(torch.float32, copy=True)
+            acc = fp32(x)
             if w != 1.0:
                 acc.mul_(w)
         else:
@@ -85,22 +86,23 @@ def linear(read: Read, weights: Sequence[float]) -> torch.Tensor:
 
 # ---- SLERP ----------------------------------------------------------------------------------------
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = SLERP_DOT_THRESHOLD,
-          eps: float = SLERP_EPS) -> torch.Tensor:
-    """Spherical interpolation of two tensors (flattened), linear when nearly colinear; fp32."""
+          eps: float = SLERP_EPS, inplace: bool = False) -> torch.Tensor:
+    """Spherical interpolation of two tensors (flattened), linear when nearly colinear; fp32.
+
+    ``inplace``: ``a`` is a fresh tensor the result may be built in (when it is fp32)."""
     a, b = fp32(a), fp32(b)
     if a.numel() == 0:
         return a.clone()
     na, nb = torch.linalg.vector_norm(a).item(), torch.linalg.vector_norm(b).item()
     na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
-    dot = max(-1.0, min(1.0, (torch.dot((a / na).reshape(-1), (b / nb).reshape(-1))).item()))
+    dot = max(-1.0, min(1.0, torch.dot(a.reshape(-1), b.reshape(-1)).item() / (na * nb)))
     if abs(dot) > dot_threshold:
         ca, cb = 1.0 - t, t
     else:
         theta = math.acos(dot)
         ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-    out = a * ca
-    out.add_(b, alpha=cb)
-    return out
+    out = a.mul_(ca) if inplace else a * ca
+    return out.add_(b, alpha=cb)
 
 
 # ---- task vectors ---------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def _deltas(plan: TensorPlan, name: str, read: Read, base: torch.Tensor):
     """Yield (i, w_i * sparsified task vector of input i) in input order; same values on every call."""
     gen = torch.Generator().manual_seed(tensor_seed(plan.seed, name)) if plan.method == "dare" else None
     for i, w in enumerate(plan.weights):
-        d = fp32(read(i)).sub(base)
+        d = fp32(read(i)).sub_(base)
         if plan.method == "ties":
             trim_(d, plan.density[i])
         elif plan.method == "dare":
@@ -156,7 +158,7 @@ def _deltas(plan: TensorPlan, name: str, read: Read, base: torch.Tensor):
 
 def task_vectors(plan: TensorPlan, name: str, read: Read, read_base: Callable[[], torch.Tensor]) -> torch.Tensor:
     """TIES or DARE (linear or TIES combination) of one tensor against the base; fp32."""
-    base = fp32(read_base()).clone()
+    base = fp32(read_base())  # never changed in place
     consensus = plan.method == "ties" or plan.combine == "ties"
     if not consensus:  # one pass: base + lambda * sum w_i d_i [/ sum w_i]
         merged = torch.zeros_like(base)
@@ -197,7 +199,7 @@ def merge_tensor(plan: TensorPlan, name: str, read: Read,
         return linear(read, plan.weights)
     if plan.method == "slerp":
         a = read(0)
-        return slerp(plan.t, a, read(1))
+        return slerp(plan.t, a, read(1), inplace=True)
     if plan.method in ("ties", "dare"):
         if read_base is None:
             raise ValueError(f"{plan.method} needs a base checkpoint (--base)")
