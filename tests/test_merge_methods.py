@@ -240,3 +240,16 @@ def test_yaml_config_like_mergekit(tmp_path):
     path.write_text("merge_method: ties\nmodels:\n  - model: a\n    parameters: {wieght: 1}\n  - model: b\n")
     with pytest.raises(MergeConfigError, match=r"not \['wieght'\]"):
         load_spec(str(path))
+
+
+def test_mixed_layouts_are_refused_before_reading(checkpoints, tmp_path):
+    from instella_plugin.hf.merge import merge
+
+    root, _, _ = checkpoints
+    write_model(tmp_path / "olmoe", "olmoe", seed=5)  # the same model in the OLMoE file layout
+    with pytest.raises(ValueError, match=r"mix Hugging Face formats \['instella', 'olmoe'\]; convert them"):
+        merge([str(root / "s0"), str(tmp_path / "olmoe")], str(tmp_path / "out"))
+    spec = build_spec("ties", [str(root / "s0"), str(root / "s1")], base=str(tmp_path / "olmoe"), density=[0.5])
+    with pytest.raises(ValueError, match="mix Hugging Face formats"):
+        merge(spec.inputs, str(tmp_path / "out"), spec=spec)
+    assert not (tmp_path / "out").exists()
