@@ -361,3 +361,12 @@ def test_command_line(tmp_path, capsys):
     assert "--output is required" in capsys.readouterr().err
     assert main(["convert", "smoltalk", "--input", inp, "--output", str(out)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_progress_counts_rows_against_the_parquet_total(tmp_path, capsys):
+    path = tmp_path / "bm.parquet"
+    pq.write_table(pa.table({"problem": ["a", "b", "c", ""], "answer": ["1", "2", "3", "4"]}), path)
+    counts = convert("big-math", str(tmp_path / "o.jsonl"), [str(path)], progress_every=1e-9)
+    err = capsys.readouterr().err
+    assert "big-math: 2 rows/4 (50%), 2 kept" in err and "big-math: 4 rows/4 (100%), 3 kept" in err and "ETA" in err
+    assert dict(counts.filtered) == {"empty prompt or answer": 1}

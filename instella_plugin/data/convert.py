@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Sequence
 
 from instella_plugin.data.english import is_english
 from instella_plugin.data.jsonl_output import JsonlOutput, refuse_output, write_json_atomic
-from instella_plugin.data.sources import Source, SourceError, field_value, get_source, iter_rows, mmlu_templates, source_files
+from instella_plugin.data.sources import (Source, SourceError, count_rows, field_value, get_source, iter_rows,
+                                          mmlu_templates, source_files)
 
 ROLES = ("system", "user", "assistant")
 LABELS = "ABCDEFGHIJ"
@@ -155,6 +156,16 @@ class RowConverter:
         return rec
 
 
+def _progress_line(name: str, counts: Counts, total: Optional[int], seconds: float) -> str:
+    rate = counts.rows / max(seconds, 1e-9)
+    line = f"{name}: {counts.rows:,} rows"
+    if total:
+        eta = (total - counts.rows) / max(rate, 1e-9)
+        line += f"/{total:,} ({100 * counts.rows / total:.0f}%)"
+    line += f", {counts.kept:,} kept, {rate:,.0f} rows/s"
+    return line + (f", ETA {eta / 60:.1f} min" if total else "")
+
+
 def convert(name: str, output: str, inputs: Sequence[str] = (), as_text: bool = False, seed: int = DEFAULT_SEED,
             limit: Optional[int] = None, config: Optional[str] = None, split: Optional[str] = None,
             overwrite: bool = False, progress_every: float = 10.0, registry: Optional[str] = None) -> Counts:
@@ -165,6 +176,8 @@ def convert(name: str, output: str, inputs: Sequence[str] = (), as_text: bool = 
     convert_row = RowConverter(src, as_text, seed)
     files = source_files(src, inputs, config, split)
     refuse_output(output, overwrite, files)
+    total = count_rows(files)
+    total = min(total, limit) if total is not None and limit else total
     counts, start, last = Counts(src.name), time.monotonic(), time.monotonic()
     with JsonlOutput(output) as out:
         for index, (row, where) in enumerate(iter_rows(files, limit)):
@@ -176,8 +189,7 @@ def convert(name: str, output: str, inputs: Sequence[str] = (), as_text: bool = 
                 counts.filtered[str(why)] += 1
             if progress_every and time.monotonic() - last > progress_every:
                 last = time.monotonic()
-                rate = counts.rows / (last - start)
-                print(f"{src.name}: {counts.rows:,} rows, {counts.kept:,} kept, {rate:,.0f} rows/s", file=sys.stderr)
+                print(_progress_line(src.name, counts, total, last - start), file=sys.stderr)
         if counts.kept == 0:
             raise SourceError(f"source {src.name!r}: nothing to write from {', '.join(files)} "
                               f"({counts.rows} rows, filtered: {dict(counts.filtered) or 'none'})")

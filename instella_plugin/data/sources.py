@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import datasets
+import pyarrow.parquet as pq
 import yaml
 
 from instella_plugin.data.readers import ARROW_EXT, JSONL_EXT, PARQUET_EXT, _hf_cache_dir, resolve_inputs
@@ -128,6 +129,13 @@ def cached_files(src: Source, config: Optional[str] = None, split: Optional[str]
         have = sorted(builder.config.data_files or {})
         raise SourceError(f"source {src.name!r}: {src.hf} (config {config}) has no split {split!r}; it has {have}")
     return list(files)
+
+
+def count_rows(files: Sequence[str]) -> Optional[int]:
+    """Rows of the files when their metadata says (Parquet), else None: for progress and ETA."""
+    if not all(f.lower().endswith(PARQUET_EXT) for f in files):
+        return None
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def iter_rows(files: Sequence[str], limit: Optional[int] = None) -> Iterator[Tuple[dict, str]]:
