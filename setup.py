@@ -30,7 +30,7 @@ setup(
     packages=find_packages(include=["instella_plugin", "instella_plugin.*"]),
     package_data={"instella_plugin": [
         "recipes/*.yaml", "blends/*.yaml", "launch/*.yaml", "launch/profiles/*.yaml", "launch/*.sh",
-        "data/fixtures/*", "data/*.yaml", "synth/*.yaml", "evaluation/tasks/*.yaml", "evaluation/tasks/*/*.yaml",
+        "data/fixtures/*", "data/*.yaml", "hf/*.yaml", "synth/*.yaml", "evaluation/tasks/*.yaml", "evaluation/tasks/*/*.yaml",
     ]},
     python_requires=">=3.10",
     install_requires=["torch", "megatron-core", "transformers", "pyyaml", "psutil", "safetensors", "numpy", "tqdm"],
