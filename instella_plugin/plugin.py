@@ -177,6 +177,10 @@ class InstellaPlugin(GPTPlugin):
                              "--padded-vocab-size instead")
         if flags.dataset_type == "dpo":
             dpo.check_layout(run)
+        try:
+            run.plugin_values["rope_scaling"].check_spec(self.spec_name(run))
+        except RopeScalingError as e:
+            raise SystemExit(f"error: {e}")
         if flags.dataset_type == "grpo":
             grpo_loop.check_layout(run)
             try:
@@ -286,7 +290,8 @@ class InstellaPlugin(GPTPlugin):
             max_prompt_tokens=flags.grpo_max_prompt_tokens, max_response_tokens=flags.grpo_max_response_tokens,
             micro_batch_tokens=flags.grpo_micro_batch_tokens, prompt_key=flags.grpo_prompt_key,
             answer_key=flags.grpo_answer_key, chat_template=flags.grpo_chat_template,
-            samples_interval=flags.grpo_samples_interval, global_batch_size=run.layout.global_batch_size)
+            samples_interval=flags.grpo_samples_interval, rollout_engine=flags.grpo_rollout_engine,
+            rollout_batch=flags.grpo_rollout_batch, global_batch_size=run.layout.global_batch_size)
 
     def train(self, run) -> dict:
         if run.data.kind == "grpo":
@@ -337,6 +342,12 @@ class InstellaPlugin(GPTPlugin):
             theta_on_resume(meta, run.plugin_values["rope"], meta.get("iteration", 0), flags.override_rope_theta)
         except ValueError as e:
             raise SystemExit(f"error: --load {flags.load}: {e}")
+        scaling = run.plugin_values["rope_scaling"]
+        if not scaling.same_as(meta.get("rope_scaling")) and not flags.override_rope_theta:
+            raise SystemExit(f"error: --load {flags.load}: the checkpoint was trained with RoPE "
+                             f"{RopeScaling.from_meta(meta.get('rope_scaling')).describe()} but this run asks for "
+                             f"{scaling.describe()}; changing the RoPE method needs --override-rope-theta "
+                             "(a new context-extension phase), otherwise keep the checkpoint's --rope-scaling")
         saved = meta.get("model")
         if saved and not flags.use_checkpoint_args:
             diff = [f"{k}: checkpoint {saved.get(k)} vs requested {getattr(run.model, k)}" for k in SHAPE_KEYS

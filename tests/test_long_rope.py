@@ -179,3 +179,26 @@ def test_hf_export_logits_match_each_method():
         plain = build_olmoe(CFG, hf)
         with torch.no_grad():
             assert (plain(input_ids=tokens).logits - want).abs().max().item() > 1e-3  # the method matters
+
+
+def test_a_spec_not_known_to_run_the_method_is_refused():
+    RopeScaling("yarn", 4.0).check_spec("instella-fused")
+    RopeScaling("base-law").check_spec("someone-elses-spec")
+    with pytest.raises(RopeScalingError, match="layer spec 'someone-elses-spec'.*instella-fused"):
+        RopeScaling("yarn", 4.0).check_spec("someone-elses-spec")
+
+
+def test_changing_the_method_on_resume_needs_the_override(monkeypatch):
+    from instella_plugin.training.arguments import parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    base = ["--plugin", "instella", "--model-preset", "instella-test", "--seq-length", "1024",
+            "--max-position-embeddings", "1024", "--mock-data", "--train-iters", "1", "--global-batch-size", "1",
+            "--micro-batch-size", "1", "--lr", "1e-4", "--rope-original-context", "256"]
+    run, plugin = parse_args(base + ["--rope-scaling", "linear"])
+    saved = {"rope_theta": 10000.0, "iteration": 5}
+    with pytest.raises(SystemExit, match="trained with RoPE base-law but this run asks for linear x4"):
+        plugin.check_resume(run, saved)
+    plugin.check_resume(run, dict(saved, rope_scaling=run.plugin_values["rope_scaling"].to_meta()))
+    run, plugin = parse_args(base + ["--rope-scaling", "linear", "--override-rope-theta"])
+    plugin.check_resume(run, saved)

@@ -28,6 +28,9 @@ import torch
 from instella_plugin.rope.scaling import rope_base_for_context
 
 METHODS = ("base-law", "linear", "ntk", "yarn")
+# Layer specs whose RoPE comes from GPTModel's RotaryEmbedding (angles from ``inv_freq``) and whose core
+# attention honours the TransformerConfig softmax scale: the fused QK-norm+RoPE kernel takes the angles.
+SPECS_THAT_RUN_METHODS = ("instella", "instella-te", "instella-fused", "instella-fused-apex", "instella-fused-te")
 
 
 class RopeScalingError(ValueError):
@@ -87,6 +90,20 @@ class RopeScaling:
                 f"--rope-scaling {self.method} with factor {self.factor:g} extends the original context "
                 f"{self.original_context} to {covered:,.0f} tokens, shorter than --seq-length {seq_length}; "
                 f"use --rope-scaling-factor {seq_length / self.original_context:g} (or more)")
+
+    def check_spec(self, spec: str) -> None:
+        """Refuse a scaling method on a layer spec not known to take its frequencies and softmax scale."""
+        if self.scales and spec not in SPECS_THAT_RUN_METHODS:
+            raise RopeScalingError(
+                f"--rope-scaling {self.method} replaces the RoPE frequencies of megatron's RotaryEmbedding"
+                f"{' and the softmax scale' if self.method == 'yarn' else ''}; layer spec {spec!r} is not known "
+                f"to use them (the specs that do: {', '.join(SPECS_THAT_RUN_METHODS)}); pick one of those, "
+                "or --rope-scaling base-law")
+
+    def same_as(self, meta: Optional[dict]) -> bool:
+        """Whether a checkpoint's recorded method (``to_meta``; None: plain RoPE) is this one."""
+        other = RopeScaling.from_meta(meta)
+        return (not other.scales and not self.scales) or other == self
 
     def theta(self, base_theta: float, target: Optional[int] = None) -> float:
         """The base the run uses: for ``base-law`` and a ``target``, the scaling-law base; for ``ntk``
