@@ -286,3 +286,11 @@ def test_held_out_texts_from_an_evaluation_task(tmp_path, server, capsys):
     assert main(["gsm8k", "--endpoint", server, "--seeds", str(seeds), "--decontaminate-tasks", "gsm8k",
                  "--eval-data-dir", str(tmp_path / "nowhere"), "--output", str(out) + "2", "--no-progress"]) == 2
     assert "no data for openai/gsm8k main split 'test'" in capsys.readouterr().err
+
+
+def test_a_seed_without_a_numeric_answer_is_counted():
+    from instella_plugin.synth.gsm8k import Pipeline
+
+    records, counts = Pipeline(Scripted(), NgramIndex(TEST_SET), CONFIG, LIMITS).process(
+        [(0, {"id": "0", "prompt": SEEDS[0][0], "answer": "eight"}), (1, SEED_RECORDS[0])])
+    assert dict(counts.rejected) == {"seed: answer is not a number": 1} and counts.seeds == 2 and counts.kept == 4

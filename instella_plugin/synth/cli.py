@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=positive_int, default=None, help="use the first N seeds")
     g.add_argument("--call-timeout", type=float, default=2.0, help="seconds a program call may run")
     g.add_argument("--memory-mb", type=positive_int, default=512, help="address space of a program's process")
+    g.add_argument("--workers", type=positive_int, default=2, help="programs run side by side (one process each)")
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and any partial run of it)")
     g.add_argument("--no-progress", action="store_true")
     return p
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
             def progress(n, summary):
                 bar.update(n)
                 bar.set_postfix(verified=summary.verified, kept=summary.kept)
-            summary = synthesise(seeds, args.output, generator, index, config, limits, args.overwrite, progress)
+            summary = synthesise(seeds, args.output, generator, index, config, limits, args.overwrite, progress,
+                                 workers=args.workers)
     except GeneratorUnavailable as exc:
         print(f"instella data synth: error: {exc}\nthe seeds finished so far are kept in {args.output}.partial; "
               "rerun the same command to resume", file=sys.stderr)

@@ -25,6 +25,7 @@ import os
 import random
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -150,8 +151,8 @@ class Pipeline:
     """One run: ``process(batch)`` turns seed records into output records and counts."""
 
     def __init__(self, generator, test_index: NgramIndex, config: SynthConfig = SynthConfig(),
-                 limits: SandboxLimits = SandboxLimits(), prompts: Optional[dict] = None):
-        self.gen, self.index, self.cfg, self.limits = generator, test_index, config, limits
+                 limits: SandboxLimits = SandboxLimits(), prompts: Optional[dict] = None, workers: int = 2):
+        self.gen, self.index, self.cfg, self.limits, self.workers = generator, test_index, config, limits, workers
         self.prompts = prompts or load_prompts()
         describe = getattr(generator, "describe", None)
         self.generator_name = describe() if describe else type(generator).__name__
@@ -238,22 +239,34 @@ class Pipeline:
         counts.reinstantiated += len(out)
         return out
 
+    def _programs(self, item: Tuple[int, dict], response: str) -> Tuple[Summary, List[dict]]:
+        """One seed's verified program, its instances and the decontamination (counts of its own)."""
+        (index, seed), counts, problems = item, Summary(), []
+        if number_of(seed["answer"]) is None:
+            counts.rejected["seed: answer is not a number"] += 1
+            return counts, problems
+        verified = self._verify(seed, response, counts)
+        if verified is None:
+            return counts, problems
+        program, params, template = verified
+        instances = self._instances(index, program, params, template, number_of(seed["answer"]), counts)
+        for draw, (question, new, value) in enumerate(instances):
+            if self.index.contaminated(question):
+                counts.decontaminated += 1
+                continue
+            problems.append(dict(seed=seed, program=program, params=new, question=question, value=value, draw=draw))
+        return counts, problems
+
     def process(self, batch: Sequence[Tuple[int, dict]]) -> Tuple[List[dict], Summary]:
         """Output records and counts for ``batch`` of ``(seed index, {"id", "prompt", "answer"})``."""
         counts = Summary(seeds=len(batch))
         responses = self._abstract([s for _, s in batch])
         problems = []
-        for (index, seed), response in zip(batch, responses):
-            verified = self._verify(seed, response, counts)
-            if verified is None:
-                continue
-            program, params, template = verified
-            instances = self._instances(index, program, params, template, number_of(seed["answer"]), counts)
-            for draw, (question, new, value) in enumerate(instances):
-                if self.index.contaminated(question):
-                    counts.decontaminated += 1
-                    continue
-                problems.append(dict(seed=seed, program=program, params=new, question=question, value=value, draw=draw))
+        # the sandbox runs of different seeds are separate processes: run them side by side, merge in order
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for seed_counts, seed_problems in pool.map(self._programs, batch, responses):
+                counts.add(seed_counts.as_dict())
+                problems += seed_problems
         records = []
         if problems:
             params = SamplingParams(max_new_tokens=self.cfg.solve_tokens, temperature=0.0, seed=self.cfg.seed,
@@ -297,7 +310,7 @@ def _read_progress(path: str) -> Tuple[set, Summary]:
 
 def synthesise(seeds: Iterable[dict], output: str, generator, test_index: NgramIndex,
                config: SynthConfig = SynthConfig(), limits: SandboxLimits = SandboxLimits(), overwrite: bool = False,
-               progress=None) -> Summary:
+               progress=None, workers: int = 2) -> Summary:
     """Run the pipeline over ``seeds`` (``{"id", "prompt", "answer"}``) into ``output``; resumes an
     interrupted run of the same settings. Returns the summary (also written to OUTPUT.summary.json)."""
     progress_path, settings_path = output + ".seeds.jsonl", output + ".settings.json"
@@ -320,7 +333,7 @@ def synthesise(seeds: Iterable[dict], output: str, generator, test_index: NgramI
                 os.remove(stale)
         write_json_atomic(settings_path, settings)
         done, summary = set(), Summary()
-    pipeline = Pipeline(generator, test_index, config, limits)
+    pipeline = Pipeline(generator, test_index, config, limits, workers=workers)
     todo = [(i, s) for i, s in enumerate(seeds) if s["id"] not in done]
     with JsonlOutput(output, append=True) as out, open(progress_path, "a", encoding="utf-8") as log:
         for start in range(0, len(todo), config.batch_size):
