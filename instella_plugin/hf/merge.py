@@ -18,7 +18,8 @@ import datetime
 import math
 import os
 import shutil
-from typing import List, Optional, Sequence
+import time
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -95,12 +96,32 @@ def _record(spec: MergeSpec, dtype, kind, extra=None) -> dict:
     return out
 
 
+class Progress:
+    """Prints ``merged k/N tensors (MB), MB/s, ETA`` at most every ``every`` seconds (big merges take minutes)."""
+
+    def __init__(self, total_bytes: int, count: int, log: Optional[Callable[[str], None]], every: float = 10.0):
+        self.total, self.count, self.log, self.every = total_bytes, count, log, every
+        self.done_bytes = self.done = 0
+        self.start = self.last = time.time()
+
+    def tick(self, t: torch.Tensor) -> None:
+        self.done += 1
+        self.done_bytes += t.numel() * t.element_size()
+        now = time.time()
+        if self.log and (now - self.last >= self.every or self.done == self.count):
+            self.last = now
+            rate = self.done_bytes / max(now - self.start, 1e-9)
+            eta = (self.total - self.done_bytes) / max(rate, 1e-9)
+            self.log(f"merged {self.done}/{self.count} tensors ({self.done_bytes / 2**20:.0f}/{self.total / 2**20:.0f} "
+                     f"MB), {rate / 2**20:.0f} MB/s, ETA {eta:.0f}s")
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if dtype == torch.float32 else t.to(dtype)
 
 
 def merge_hf(spec: MergeSpec, out, dtype=None, overwrite=False, max_shard_bytes=5 * 1024 ** 3,
-             record_extra=None) -> str:
+             record_extra=None, log=None) -> str:
     paths = list(spec.inputs) + ([spec.base] if spec.base else [])
     cks = [formats.HFCheckpoint(p) for p in paths]  # each checked against its own config.json
     fmts = {c.format for c in cks}
@@ -112,12 +133,15 @@ def merge_hf(spec: MergeSpec, out, dtype=None, overwrite=False, max_shard_bytes=
     ref, num_layers = cks[0].files, cks[0].cfg.num_layers
     base = cks[spec.n] if spec.base else None
     plan = [(n, ref.shape(n), dtype or ref.dtype(n)) for n in ref.names()]
+    progress = Progress(sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, s, d in plan), len(plan), log)
     with atomic_output(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
         for name, _, dt in plan:
             merged = merge_tensor(spec.plan(name, num_layers), name, lambda i: cks[i].files.get(name),
                                   (lambda: base.files.get(name)) if base else None)
-            writer.write(name, _cast(merged, dt))
+            merged = _cast(merged, dt)
+            progress.tick(merged)
+            writer.write(name, merged)
             del merged
         writer.finish()
         for f in os.listdir(paths[0]):  # config, tokenizer and generation files of the first input
@@ -130,7 +154,7 @@ def merge_hf(spec: MergeSpec, out, dtype=None, overwrite=False, max_shard_bytes=
     return out
 
 
-def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False, record_extra=None) -> str:
+def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False, record_extra=None, log=None) -> str:
     paths = list(spec.inputs) + ([spec.base] if spec.base else [])
     flags = ["--inputs"] * spec.n + (["--base"] if spec.base else [])
     opened = [open_megatron(p, flag=f) for p, f in zip(paths, flags)]  # each checked against its own configuration
@@ -143,8 +167,15 @@ def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False, record_ext
     dtype = dtype or cks[0].dtype("embedding.word_embeddings.weight")
     layout = stacked_layout(cfg)
     stacked = [k for k in layout if k.startswith("decoder.layers.")]
+    progress = Progress(sum(math.prod(s) for s in layout.values()) * torch.empty((), dtype=dtype).element_size(),
+                        sum(s[0] if k in stacked else 1 for k, s in layout.items()), log)
 
     def produce(key, layer):
+        t = _produce(key, layer)
+        progress.tick(t)
+        return t
+
+    def _produce(key, layer):
         name = key if layer is None else f"decoder.layers.{layer}.{key[len('decoder.layers.'):]}"
         tp = spec.plan(name, cfg.num_layers)
         if tp.method != "linear":
@@ -189,7 +220,7 @@ def checkpoint_kind(paths: Sequence[str], labels: Optional[Sequence[str]] = None
 
 def merge(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = None,
           dtype: Optional[torch.dtype] = None, overwrite: bool = False, *, spec: Optional[MergeSpec] = None,
-          record_extra: Optional[dict] = None, **kwargs) -> str:
+          record_extra: Optional[dict] = None, log: Optional[Callable[[str], None]] = None, **kwargs) -> str:
     """Merge ``paths`` into ``out``: the (weighted) mean, or the method of ``spec`` (whose inputs win)."""
     if spec is None:
         weights = normalise_weights(weights, len(paths))
@@ -204,5 +235,5 @@ def merge(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = N
     check_output(out, overwrite, inputs=all_paths)
     dtype = dtype or (DTYPES[spec.dtype] if spec.dtype else None)
     if kind == "hf":
-        return merge_hf(spec, out, dtype, overwrite, record_extra=record_extra, **kwargs)
-    return merge_megatron(spec, out, dtype, overwrite, record_extra=record_extra)
+        return merge_hf(spec, out, dtype, overwrite, record_extra=record_extra, log=log, **kwargs)
+    return merge_megatron(spec, out, dtype, overwrite, record_extra=record_extra, log=log)

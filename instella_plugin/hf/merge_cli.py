@@ -99,7 +99,7 @@ def run(args) -> int:
             soup = greedy_soup(spec.inputs, args.output, build_evaluator(args), dtype=dtype, overwrite=args.overwrite)
             print(f"greedy soup: {len(soup['ingredients'])} of {len(spec.inputs)} inputs kept, score {soup['score']:.4f}")
         else:
-            merge(spec.inputs, args.output, dtype=dtype, overwrite=args.overwrite, spec=spec, **kwargs)
+            merge(spec.inputs, args.output, dtype=dtype, overwrite=args.overwrite, spec=spec, log=print, **kwargs)
     except ERRORS as e:
         print(f"instella merge: {e}", file=sys.stderr)
         return 2
