@@ -240,7 +240,8 @@ def test_prompt_sets_and_the_local_hugging_face_cache(tmp_path, monkeypatch):
         convert("big-math", str(tmp_path / "b.jsonl"))
     big = _jsonl(tmp_path / "big.jsonl", [{"problem": "1+1", "answer": "2", "source": "s", "domain": ["x"], "llama8b_solve_rate": 0.5}])
     convert("big-math", str(tmp_path / "b.jsonl"), [big])
-    assert _read(tmp_path / "b.jsonl")[0] == {"id": "big-math-0", "source": "big-math", "prompt": "1+1", "answer": "2"}
+    assert _read(tmp_path / "b.jsonl")[0] == {"id": "big-math-0", "source": "big-math", "answer": "2",
+                                              "prompt": "1+1 Let's think step by step and output the final answer within \\boxed{}."}
 
 
 def test_bad_input_is_named(tmp_path):
@@ -298,6 +299,7 @@ def test_registry_covers_every_post_training_source_of_the_blends():
 
 
 U, A = {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}
+BOXED = "Q? Let's think step by step and output the final answer within \\boxed{}."  # the official GRPO prompt
 # One row per source in its public data set's field layout, and the record it must become.
 PUBLIC_ROWS = {
     "smoltalk": ({"messages": [U, A], "source": "smol-rewrite"}, {"messages": [U, A]}),
@@ -320,10 +322,10 @@ PUBLIC_ROWS = {
     "am-deepseek-r1-distilled": ({"messages": [dict(U, info={"source": "s"}), dict(A, info={"answer_content": "A."})]},
                                  {"messages": [U, A]}),
     "big-math": ({"problem": "Q?", "answer": "1", "source": "s", "domain": ["d"], "llama8b_solve_rate": 0.2},
-                 {"prompt": "Q?", "answer": "1"}),
+                 {"prompt": BOXED, "answer": "1"}),
     "deepmath-103k": ({"question": "Q?", "final_answer": "1", "difficulty": 5.0, "topic": "t", "r1_solution_1": "s1",
-                       "r1_solution_2": "s2", "r1_solution_3": "s3"}, {"prompt": "Q?", "answer": "1"}),
-    "deepscaler": ({"problem": "Q?", "answer": "1", "solution": "s"}, {"prompt": "Q?", "answer": "1"}),
+                       "r1_solution_2": "s2", "r1_solution_3": "s3"}, {"prompt": BOXED, "answer": "1"}),
+    "deepscaler": ({"problem": "Q?", "answer": "1", "solution": "s"}, {"prompt": BOXED, "answer": "1"}),
     "gsm8k": ({"question": "Q?", "answer": "steps <<1+0=1>>\n#### 1"}, {"prompt": "Q?", "answer": "1"}),
 }
 

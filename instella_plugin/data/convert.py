@@ -144,7 +144,7 @@ class RowConverter:
                 answer = answer.rsplit(src.answer_cut, 1)[-1]
             if not prompt.strip() or not answer.strip():
                 raise Filtered("empty prompt or answer")
-            rec.update(prompt=prompt, answer=answer.strip())
+            rec.update(prompt=prompt + src.prompt_suffix, answer=answer.strip())
             return rec
         messages = self._chat(row, where, index)
         if src.english_only and not is_english(" ".join(m["content"] for m in messages)):

@@ -43,6 +43,7 @@ class Source:
     roles: Dict[str, str] = field(default_factory=dict)
     response_cut: Optional[str] = None
     answer_cut: Optional[str] = None
+    prompt_suffix: str = ""
     transform: Optional[str] = None
     english_only: bool = False
     used_by: Dict[str, object] = field(default_factory=dict)
