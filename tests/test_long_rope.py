@@ -141,7 +141,7 @@ METHODS = [("linear", 4.0), ("ntk", 4.0), ("yarn", 4.0)]
 def _megatron_logits(cfg, hf, tokens, methods):
     from instella_plugin.model.build import build_gpt_chunks
     from instella_plugin.model.weight_map import load_hf_into_model
-    from instella_plugin.rope.apply import set_rope_scaling
+    from instella_plugin.rope.apply import apply_rope_method, set_rope_scaling
 
     out = {}
     for name, factor in methods:
@@ -156,6 +156,14 @@ def _megatron_logits(cfg, hf, tokens, methods):
         with torch.no_grad():
             pos = torch.arange(tokens.shape[1])[None].expand_as(tokens)
             out[name] = chunks[0](tokens, pos, None)  # [b, s, V]
+        # a model built plain, then switched (what loading a checkpoint for generation does)
+        plain = build_gpt_chunks(cfg, cfg.transformer_config(cpu=True), init_seed=3)
+        apply_rope_method(plain, scaling, cfg.rotary_base)
+        for c in plain:
+            load_hf_into_model(c, hf.__getitem__, cfg)
+            c.eval()
+        with torch.no_grad():
+            out[name + "-applied"] = plain[0](tokens, pos, None)
     return out
 
 
@@ -176,6 +184,7 @@ def test_hf_export_logits_match_each_method():
         err = (got[name].float() - want).abs().max().item()
         print(f"rope {name}: max |logit diff| megatron vs HF export = {err:.2e}")
         assert err <= 1e-5, (name, err)
+        assert (got[name + "-applied"] - got[name]).abs().max().item() <= 1e-6
         plain = build_olmoe(CFG, hf)
         with torch.no_grad():
             assert (plain(input_ids=tokens).logits - want).abs().max().item() > 1e-3  # the method matters

@@ -24,6 +24,7 @@ from instella_plugin.evaluation.long_context import (
     write_results,
 )
 from instella_plugin.inference.loading import checkpoint_plan, init_inference_parallel, load_generator
+from instella_plugin.rope.apply import apply_rope_method, checkpoint_rope
 
 
 def _length(text: str) -> int:
@@ -74,6 +75,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"instella eval niah: error: {e}")
     init_inference_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.device)
     generator = load_generator(plan)
+    theta, scaling = checkpoint_rope(args.load)
+    if scaling.scales:  # the checkpoint was extended with linear / ntk / yarn RoPE: run it that way
+        apply_rope_method([generator.model], scaling, theta or plan.model.rotary_base)
+        print(f"RoPE {scaling.describe()} at theta {theta or plan.model.rotary_base:,.0f} (from the checkpoint)")
     try:  # every prompt must fit the checkpoint's context with the answer
         longest = max(e.prompt_tokens for e in build_examples(cfg, generator.tokenizer, haystack))
     except ValueError as e:

@@ -87,6 +87,32 @@ def set_rope_scaling(model_chunks, scaling: RopeScaling, theta: float) -> int:
     return set_rotary_base(model_chunks, theta)
 
 
+def apply_rope_method(model_chunks, scaling: RopeScaling, theta: float) -> int:
+    """Make already built chunks run ``scaling`` at ``theta`` (a checkpoint loaded for generation or
+    evaluation): its frequencies (``set_rope_scaling``) and, for YaRN, the softmax scale of every core
+    attention that keeps one (megatron's local attention and Instella's; Transformer Engine's takes it
+    from the TransformerConfig at build time, ``plugin.transformer_config_overrides``)."""
+    changed = set_rope_scaling(model_chunks, scaling, theta)
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    for chunk in chunks:
+        for m in chunk.modules():
+            head_dim = getattr(m, "hidden_size_per_attention_head", None)
+            if isinstance(getattr(m, "softmax_scale", None), float) and head_dim:
+                scale = scaling.softmax_scale(head_dim)
+                m.softmax_scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    return changed
+
+
+def checkpoint_rope(checkpoint: str):
+    """(theta or None, RopeScaling) a checkpoint recorded (plain base-law when it records no method)."""
+    try:
+        meta = read_meta(checkpoint)
+    except (OSError, ValueError, CheckpointError):
+        return None, RopeScaling()
+    theta = meta.get(META_KEY)
+    return (float(theta) if theta is not None else None), RopeScaling.from_meta(meta.get("rope_scaling"))
+
+
 def current_rotary_base(model_chunks) -> Optional[float]:
     """The base last set by ``set_rotary_base`` (None if never set: the model's build-time base)."""
     bases = {getattr(m, "rotary_base", None) for m in _rotary_modules(model_chunks)}
