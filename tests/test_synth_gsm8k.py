@@ -288,9 +288,16 @@ def test_held_out_texts_from_an_evaluation_task(tmp_path, server, capsys):
     assert "no data for openai/gsm8k main split 'test'" in capsys.readouterr().err
 
 
-def test_a_seed_without_a_numeric_answer_is_counted():
+def test_a_seed_without_a_numeric_answer_and_a_hostile_template_are_counted():
     from instella_plugin.synth.gsm8k import Pipeline
 
-    records, counts = Pipeline(Scripted(), NgramIndex(TEST_SET), CONFIG, LIMITS).process(
-        [(0, {"id": "0", "prompt": SEEDS[0][0], "answer": "eight"}), (1, SEED_RECORDS[0])])
-    assert dict(counts.rejected) == {"seed: answer is not a number": 1} and counts.seeds == 2 and counts.kept == 4
+    hostile = "Ria has 2 dogs and 3 cats. How many pets?"
+    script = Scripted()
+    script.by_question[hostile] = _program({"dogs": 2, "cats": 3}, "Ria has {dogs:>999999999999} dogs and {cats} cats. "
+                                           "How many pets?", "    return dogs + cats")
+    records, counts = Pipeline(script, NgramIndex(TEST_SET), CONFIG, LIMITS).process(
+        [(0, {"id": "0", "prompt": SEEDS[0][0], "answer": "eight"}), (1, SEED_RECORDS[0]),
+         (2, {"id": "2", "prompt": hostile, "answer": "5"})])
+    assert dict(counts.rejected) == {"seed: answer is not a number": 1,
+                                     "program: QUESTION is not plain text with {name} fields of PARAMETERS": 1}
+    assert counts.seeds == 3 and counts.kept == 4

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import string
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -143,6 +144,17 @@ def _valid_parameters(value) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()))
 
 
+def _plain_template(template: str, params: dict) -> bool:
+    """True when the generated ``QUESTION`` has only ``{name}`` fields naming parameters: it is filled in
+    this process, so no format specs (``{x:>999999999}`` would allocate), conversions or attributes."""
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError:
+        return False
+    return all(name is None or (name in params and not spec and conversion is None)
+               for _, name, spec, conversion in fields)
+
+
 def _squash(text: str) -> str:
     return " ".join(text.split())
 
@@ -186,11 +198,10 @@ class Pipeline:
         if not same_number(call["value"], gold):
             counts.rejected["program: does not reproduce the answer"] += 1
             return None
-        try:
-            restated = template.format(**params)
-        except (KeyError, IndexError, ValueError):
-            counts.rejected["program: QUESTION does not take PARAMETERS"] += 1
+        if not _plain_template(template, params):
+            counts.rejected["program: QUESTION is not plain text with {name} fields of PARAMETERS"] += 1
             return None
+        restated = template.format(**params)
         if difflib.SequenceMatcher(None, _squash(restated), _squash(seed["prompt"])).ratio() < self.cfg.min_similarity:
             counts.rejected["program: QUESTION does not restate the problem"] += 1
             return None
@@ -228,11 +239,7 @@ class Pipeline:
             if reason:
                 counts.rejected[f"instance: {reason}"] += 1
                 continue
-            try:
-                question = template.format(**{n: _fmt(v) if isinstance(v, float) else v for n, v in new.items()})
-            except (KeyError, IndexError, ValueError):
-                counts.rejected["instance: QUESTION does not take PARAMETERS"] += 1
-                continue
+            question = template.format(**{n: _fmt(v) if isinstance(v, float) else v for n, v in new.items()})
             out.append((question, new, value["value"]))
             if len(out) == self.cfg.per_seed:
                 break
