@@ -290,7 +290,8 @@ class InstellaPlugin(GPTPlugin):
             max_prompt_tokens=flags.grpo_max_prompt_tokens, max_response_tokens=flags.grpo_max_response_tokens,
             micro_batch_tokens=flags.grpo_micro_batch_tokens, prompt_key=flags.grpo_prompt_key,
             answer_key=flags.grpo_answer_key, chat_template=flags.grpo_chat_template,
-            samples_interval=flags.grpo_samples_interval, global_batch_size=run.layout.global_batch_size)
+            samples_interval=flags.grpo_samples_interval, rollout_engine=flags.grpo_rollout_engine,
+            rollout_batch=flags.grpo_rollout_batch, global_batch_size=run.layout.global_batch_size)
 
     def train(self, run) -> dict:
         if run.data.kind == "grpo":

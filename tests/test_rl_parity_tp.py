@@ -4,7 +4,8 @@ megatron's policy (random weights, loaded from the same HF tensors) runs ``GRPOS
 micro-batches of rollouts with given old and reference log-probabilities and advantages; the token-mean
 loss and every gradient must equal the GRPO loss written out here on transformers' one-expert
 ``OlmoeForCausalLM`` (the same function as Instella). The rollout scoring pass (vocab-parallel
-log-probabilities and entropy from TP-sharded logits) must equal log_softmax of the full logits.
+log-probabilities and entropy from TP-sharded logits) must equal log_softmax of the full logits, and the
+two rollout generators (the plain sampler, megatron-core's engine) continue prompts greedily alike.
 """
 import pytest
 import torch
@@ -84,8 +85,21 @@ def _worker(cfg, hf_policy, batches):
                                    step=step)
     total = torch.stack([r["lm loss"] for r in reports]).sum(0)
     stats = step.take_stats()
+    # The two rollout generators agree: greedy continuations of the plain sampler and megatron-core's engine.
+    from instella_plugin.data.tokenizer import load_tokenizer
+    from instella_plugin.inference.api import SamplingParams
+    from instella_plugin.inference.engine import MegatronGenerator
+    from instella_plugin.rl.sampler import LiveModelSampler
+
+    prompts = [b["tokens"][r, :4 + r].tolist() for r in range(ROWS)]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    tok = load_tokenizer()
+    # (over the padded vocabulary, as the engine samples it; GRPO's plain sampler stops at the tokenizer's)
+    plain = LiveModelSampler(model, tok, cfg.padded_vocab_size, torch.device("cpu")).generate(prompts, params)
+    engine = MegatronGenerator(model[0], tok, max_sequence_length=SEQ).generate(prompts, params)
     return dict(loss=(total[0] / total[1]).item(), tokens=total[1].item(), clipped=float(stats[3] / stats[0]),
-                grads=gather_hf(model, cfg, "main_grad"), logp=scored[0], entropy=scored[1])
+                grads=gather_hf(model, cfg, "main_grad"), logp=scored[0], entropy=scored[1],
+                plain=[c.tokens for c in plain], engine=[c.tokens for c in engine])
 
 
 def test_grpo_update_gradients_match_plain_pytorch_on_transformers_at_tp2():
@@ -100,6 +114,7 @@ def test_grpo_update_gradients_match_plain_pytorch_on_transformers_at_tp2():
     assert res[1]["loss"] == got["loss"]
     with torch.no_grad():
         want_logp, want_entropy = _hf_logps(build_olmoe(CFG, hf_policy), batches[0])
+    assert res[0]["plain"] == res[0]["engine"] == res[1]["plain"] and len(res[0]["plain"][0]) == 6
     for r in res:  # every TP rank holds the full result of the scoring pass
         assert float((r["logp"] - want_logp).abs().max()) < 1e-4
         assert float((r["entropy"] - want_entropy).abs().max()) < 1e-4

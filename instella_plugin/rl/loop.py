@@ -3,8 +3,10 @@
 One step (Instella-Math, VERL's schedule):
 1. the step's prompts (``--grpo-prompts-per-step``, a seeded order: ``prompts.problem_order``); each
    data-parallel rank takes its share of every mini-batch, whole groups;
-2. n rollouts per prompt from the live policy through a ``TextGenerator`` (``sampler.LiveModelSampler``
-   unless one is handed in), sampled with a seed that depends only on (seed, step, DP rank);
+2. n rollouts per prompt from the live policy through a ``TextGenerator``: megatron-core's inference
+   engine on the policy's weights in place (``inference.engine.MegatronGenerator``, KV cache), or
+   ``sampler.LiveModelSampler`` (``--grpo-rollout-engine plain``), or one handed in; sampled with a seed
+   that depends only on (seed, step, DP rank);
 3. rule rewards (``reward.math_reward`` against each row's answer) and group-normalised advantages;
 4. the rollout policy's and the frozen reference's log-probabilities of every response token
    (no-grad forwards, vocab-parallel), and the rollout policy's entropy;
@@ -25,6 +27,7 @@ from megatron.core import parallel_state as ps
 
 from instella_plugin.data.tokenizer import load_tokenizer
 from instella_plugin.inference.api import SamplingParams
+from instella_plugin.inference.engine import MegatronGenerator
 from instella_plugin.rl.advantages import group_advantages
 from instella_plugin.rl.metrics import GRPOLog, StepTotals
 from instella_plugin.rl.objective import vocab_parallel_logprobs_and_entropy
@@ -147,7 +150,10 @@ def grpo(run, plugin, settings: GRPOSettings, reward_fn: Callable[[str, str], fl
     step_fn = trainer.forward_step
     reference = dpo.build_reference(plugin, run, trainer.transformer_config, trainer.model, trainer.resumed_own_run,
                                     trainer.device)[0]
-    if generator is None:
+    if generator is None and settings.rollout_engine == "megatron":
+        generator = MegatronGenerator(trainer.model[0], tokenizer, max_batch_size=settings.rollout_batch,
+                                      max_sequence_length=settings.max_prompt_tokens + settings.max_response_tokens)
+    elif generator is None:
         generator = LiveModelSampler(trainer.model, tokenizer, run.model.vocab_size, trainer.device,
                                      batch_tokens=settings.micro_batch_tokens)
     n, updates = settings.group_size, settings.updates_per_step

@@ -31,6 +31,11 @@ def add_grpo_arguments(parser) -> None:
     g.add_argument("--grpo-answer-key", default="answer", help="ground-truth answer field of the rows")
     g.add_argument("--grpo-chat-template", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap each prompt as a user turn of Instella's chat template (off: the text as it is)")
+    g.add_argument("--grpo-rollout-engine", default="megatron", choices=["megatron", "plain"],
+                   help="megatron: megatron-core's inference engine on the live policy (KV cache); plain: a "
+                        "forward pass over the whole sequence per token (no cache; a reference for tests)")
+    g.add_argument("--grpo-rollout-batch", type=positive_int, default=64,
+                   help="rollouts generated together (the engine's KV cache holds this many sequences)")
     g.add_argument("--grpo-samples-interval", type=positive_int, default=10,
                    help="write the step's rollouts (text, reward) to SAVE/grpo_rollouts.jsonl every N steps")
 
@@ -49,6 +54,8 @@ class GRPOSettings:
     answer_key: str
     chat_template: bool
     samples_interval: int
+    rollout_engine: str
+    rollout_batch: int
     global_batch_size: int  # rollouts per optimizer update
 
     @property
