@@ -301,3 +301,19 @@ def test_a_seed_without_a_numeric_answer_and_a_hostile_template_are_counted():
     assert dict(counts.rejected) == {"seed: answer is not a number": 1,
                                      "program: QUESTION is not plain text with {name} fields of PARAMETERS": 1}
     assert counts.seeds == 3 and counts.kept == 4
+
+
+def test_generated_parameters_must_be_finite_numbers():
+    from instella_plugin.synth.gsm8k import _valid_parameters, draw_parameters
+
+    assert _valid_parameters({"a": 3, "rate": 0.25, "price": 2.5})
+    for bad in ({"a": float("inf")}, {"a": float("nan")}, {"a": True}, {"a": "3"}, {}, {"not a name": 1}, {"a": 10 ** 13}):
+        assert not _valid_parameters(bad), bad
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        new = draw_parameters({"n": 12, "one": 1, "zero": 0, "neg": -6, "frac": 0.25, "price": 2.5}, rng)
+        assert new["one"] == 1 and new["zero"] == 0 and isinstance(new["n"], int) and 6 <= new["n"] <= 24
+        assert -12 <= new["neg"] <= -3 and new["frac"] in (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.8, 0.9)
+        assert 1.2 <= new["price"] <= 5.0 and round(new["price"], 1) == new["price"]

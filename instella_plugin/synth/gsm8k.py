@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import random
 import re
@@ -140,8 +141,10 @@ def draw_parameters(params: Dict[str, float], rng: random.Random) -> Dict[str, f
 
 
 def _valid_parameters(value) -> bool:
-    return (isinstance(value, dict) and value and all(isinstance(k, str) and k.isidentifier() for k in value)
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()))
+    """A non-empty dict of identifier -> finite number of a word problem's size (generated: checked)."""
+    return (isinstance(value, dict) and bool(value) and all(isinstance(k, str) and k.isidentifier() for k in value)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= 1e12
+                    for v in value.values()))
 
 
 def _plain_template(template: str, params: dict) -> bool:
