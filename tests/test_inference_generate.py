@@ -48,6 +48,7 @@ def _tp1_worker(cfg, hf, save_dir):
     from instella_plugin.inference.api import SamplingParams
     from instella_plugin.inference.engine import MegatronGenerator
     from instella_plugin.model.build import build_gpt_chunks
+    from instella_plugin.model.packed_attention import InstellaDotProductAttention
     from instella_plugin.model.weight_map import load_hf_into_model
     from instella_plugin.training.checkpointing import save_checkpoint
     from instella_plugin.training.model_setup import wrap_ddp
@@ -75,9 +76,14 @@ def _tp1_worker(cfg, hf, save_dir):
         return original(last_token_logits, *args, **kwargs)
 
     gen.controller.sample_from_logits = record
+    decode_calls = []
+    attend_all = InstellaDotProductAttention._attend_all
+    InstellaDotProductAttention._attend_all = lambda self, *a: decode_calls.append(1) or attend_all(self, *a)
     p = prompts()[5]
     c = gen.generate([p], SamplingParams(max_new_tokens=12, stop_at_eos=False))[0]
     gen.controller.sample_from_logits = original
+    InstellaDotProductAttention._attend_all = attend_all
+    out["decode_attention_calls"] = len(decode_calls)  # the Instella attention's cached-decode path ran
     full = _full_forward_logits(gen.model, p + list(c.tokens))
     out["kv_error"] = max((seen[i][0] - full[len(p) - 1 + i]).abs().max().item() for i in range(12))
     out["kv_steps"] = len(seen)
@@ -193,6 +199,7 @@ def test_kv_cache_decode_equals_full_forward(run):
     out = run["out"]
     print(f"KV-cache decode vs full forward: max |logit diff| over 12 steps = {out['kv_error']:.2e}")
     assert out["kv_steps"] >= 12 and out["kv_error"] < 1e-4
+    assert out["decode_attention_calls"] == 11 * CFG.num_layers  # 11 decode steps after the prefill
 
 
 def test_sampling_is_seeded_and_filters_behave(run):

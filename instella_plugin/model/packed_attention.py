@@ -17,8 +17,9 @@ backend lacks (megatron's own asserts ``packed_seq_params is None`` and ``contex
 * **Context parallelism** (``--cp-comm-type a2a``): see ``context_parallel``; the all-to-all runs
   here, after megatron has applied the QK-norm and RoPE to the local tokens.
 
-Ordinary (unpacked, CP 1) causal batches take the same fused ``scaled_dot_product_attention`` path
-as one document per row, instead of megatron's dense ``[b*n, s, s]`` scores (same function,
+Ordinary (unpacked, CP 1) causal batches, and the decode steps of megatron's inference (one query
+per row against its KV cache, which megatron marks ``no_mask``), take the same fused
+``scaled_dot_product_attention`` path as one document per row, instead of megatron's dense ``[b*n, s, s]`` scores (same function,
 less memory, faster on CPU and GPU); anything that path does not cover (explicit masks, attention
 bias, dropout, softmax offsets) goes to megatron's ``DotProductAttention.forward``. With Transformer Engine the ``instella-te``
 spec uses TE's attention, whose thd and CP paths take the same ``PackedSeqParams`` and flags.
@@ -141,6 +142,8 @@ class InstellaDotProductAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: Optional[PackedSeqParams] = None):
         problems = self._unsupported(attention_mask, attn_mask_type, attention_bias)
+        if self._is_cached_decode(query, key, attention_mask, attn_mask_type, packed_seq_params, problems):
+            return self._attend_all(query, key, value)
         if packed_seq_params is None and self.cp_size == 1 and problems:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=None)
@@ -183,6 +186,24 @@ class InstellaDotProductAttention(DotProductAttention):
         if getattr(self, "softmax_offset", None) is not None:
             problems.append("softmax offsets")
         return problems
+
+    def _is_cached_decode(self, query, key, attention_mask, attn_mask_type, packed_seq_params, problems) -> bool:
+        """A decode step of megatron's inference with a KV cache: one new query per row against every cached
+        key, which megatron marks ``no_mask``; the only thing keeping it off the SDPA path is that mask type."""
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        return (mask_type == AttnMaskType.no_mask and query.shape[0] == 1 and attention_mask is None
+                and packed_seq_params is None and self.cp_size == 1 and len(problems) == 1
+                and key.shape[1] == query.shape[1])
+
+    def _attend_all(self, q, k, v):
+        """One query per row over all keys (no mask). q: [1, b, n, d]; k, v: [sk, b, g, d] -> [1, b, n * d]."""
+        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        groups = q.shape[2] // k.shape[2]
+        if groups > 1:
+            k, v = (t.repeat_interleave(groups, dim=2) for t in (k, v))
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out.permute(2, 0, 1, 3).reshape(1, out.shape[0], -1)
 
     def _attend(self, q, k, v, segments):
         """Per-document causal attention. q: [s, b, n, d]; k, v: [s, b, g, d]; returns [s, b, n, d]."""
