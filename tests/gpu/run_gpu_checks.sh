@@ -26,6 +26,8 @@
 #               tokens/s, TFLOP/s per device and MFU (parsed from the trainer's log)
 #   output-loss bench/bench_output_loss.py --part op: output layer + loss at vocab 50304, 4 x 4096
 #               tokens, hidden 2560, bf16: megatron's path vs the fused one, time and peak memory
+#   generate    bench/bench_generate.py: megatron-core generation vs transformers' generate, instella-1b
+#               bf16, batch 1 and 16, tokens/s and ratio
 #   kernels     tests/gpu/check_kernels.py (builds and checks the fused kernels), if present
 #   train fused the tiny preset at TP=1 again with --spec instella-fused (fails unless the kernels
 #               run natively)
@@ -53,7 +55,7 @@ while [[ $# -gt 0 ]]; do
     --no-kernels) KERNELS=0 ;;
     --budget) BUDGET="$2"; shift ;;
     --steps) STEPS="$2"; shift ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -165,6 +167,16 @@ if [[ $DRY -eq 1 ]]; then
 elif (( NGPU >= 1 )); then
   check output-loss 180 40 "$PY" bench/bench_output_loss.py --part op --device cuda --dtype bf16 --mbs 4 \
     --seq 4096 --hidden 2560 --reps 3 --out "$WORK/output_loss.json"
+fi
+
+# Generation throughput: megatron-core's engine (MegatronGenerator) vs transformers' generate on the
+# same weights, greedy, KV cache on, batch 1 and 16 (the ratio is printed, not asserted).
+if [[ $DRY -eq 1 ]]; then
+  check generate 240 30 "$PY" bench/bench_generate.py --device cpu --batches 1,4 --new 8 --prompt 16 \
+    --repeats 1 --out "$WORK/generate.json"
+elif (( NGPU >= 1 )); then
+  check generate 300 60 "$PY" bench/bench_generate.py --device cuda --preset instella-1b --dtype bfloat16 \
+    --batches 1,16 --new 128 --prompt 256 --out "$WORK/generate.json"
 fi
 
 if [[ ! -f tests/gpu/check_kernels.py ]]; then
