@@ -36,6 +36,7 @@ Read = Callable[[int], torch.Tensor]
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
 L1_EPS = 1e-7
+CHUNK = 1 << 20  # elements per step of the element-wise passes (4 MB in fp32)
 
 
 @dataclass(frozen=True)
@@ -106,35 +107,59 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = SLE
 
 
 # ---- task vectors ---------------------------------------------------------------------------------
-def trim_threshold(delta: torch.Tensor, density: float) -> Optional[float]:
-    """The k-th largest magnitude of ``delta`` (``k = max(1, int(density * numel))``); None keeps all."""
-    if density >= 1:
-        return None
-    k = max(1, int(density * delta.numel()))
-    mags = delta.abs().reshape(-1)
-    return torch.kthvalue(mags, mags.numel() - k + 1).values.item()
+def _chunks(t: torch.Tensor):
+    """Flat views of ``CHUNK`` elements of a contiguous tensor: element-wise work without full-size temporaries."""
+    flat = t.view(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        yield flat[start:start + CHUNK]
+
+
+def kth_largest_abs(x: torch.Tensor, k: int) -> float:
+    """The k-th largest ``|x|``, exactly, in two counting passes (a radix select on the fp32 bit pattern,
+    which orders non-negative floats like their values); memory: one chunk, not a sorted copy."""
+    prefix, need = 0, k
+    for shift in (16, 0):
+        counts = torch.zeros(1 << 16, dtype=torch.int64)
+        for c in _chunks(x):
+            bits = c.abs().view(torch.int32)
+            if shift == 0:
+                bits = bits[(bits >> 16) == (prefix >> 16)]
+            counts += torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16)
+        from_top = counts.flip(0).cumsum(0)  # elements in the buckets at or above each one, largest first
+        idx = int(torch.searchsorted(from_top, torch.tensor([need])).item())
+        need -= int(from_top[idx - 1]) if idx else 0
+        prefix |= ((1 << 16) - 1 - idx) << shift
+    return torch.tensor([prefix], dtype=torch.int32).view(torch.float32).item()
 
 
 def trim_(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero every element of ``delta`` below the ``density`` fraction of largest magnitudes, in place."""
-    thr = trim_threshold(delta, density)
-    if thr is not None:
-        delta.masked_fill_(delta.abs() < thr, 0.0)
+    """Zero, in place, every element below the k-th largest magnitude (``k = max(1, int(density numel))``).
+    Elements tied with the k-th are all kept."""
+    if density >= 1:
+        return delta
+    thr = kth_largest_abs(delta, max(1, int(density * delta.numel())))
+    for c in _chunks(delta):
+        c.masked_fill_(c.abs() < thr, 0.0)
     return delta
 
 
 def dare_(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: str) -> torch.Tensor:
-    """Drop each element with probability ``1 - density`` (in place) and rescale the survivors."""
+    """Drop each element with probability ``1 - density`` (in place) and rescale the survivors.
+
+    The Bernoulli draws come chunk by chunk from ``generator``: the same stream as one draw over the
+    whole tensor (torch draws CPU Bernoulli samples in order), without a full-size mask."""
     if density >= 1:
         return delta
-    mask = torch.bernoulli(torch.full(delta.shape, density, dtype=torch.float32), generator=generator)
-    before = delta.abs().sum().item() if rescale == "l1" else None
-    delta.mul_(mask)
-    del mask
+    before = after = 0.0
+    for c in _chunks(delta):
+        if rescale == "l1":
+            before += c.abs().sum().item()
+        c.mul_(torch.bernoulli(torch.full(c.shape, density, dtype=torch.float32), generator=generator))
+        if rescale == "l1":
+            after += c.abs().sum().item()
     if rescale == "inverse":
         delta.div_(density)
     elif rescale == "l1":
-        after = delta.abs().sum().item()
         if before >= L1_EPS and after >= L1_EPS:
             delta.mul_(before / after)
     elif rescale != "none":
@@ -170,23 +195,28 @@ def task_vectors(plan: TensorPlan, name: str, read: Read, read_base: Callable[[]
             merged.div_(total)
     else:
         # pass 1: the elected sign of sum_i w_i d_i (>= 0 counts as +)
-        signed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
         for _, d in _deltas(plan, name, read, base):
-            signed.add_(d)
+            divisor.add_(d)
             del d
-        positive = signed >= 0
-        del signed
+        # the divisor buffer carries the elected sign in its sign bit: +0.0 for +, -0.0 for - (then it
+        # accumulates -w_i there), so no separate sign mask is held in pass 2
+        for c in _chunks(divisor):
+            c.copy_(torch.where(c >= 0, 0.0, -0.0))
         # pass 2: disjoint mean over the inputs whose sign agrees with the elected one
-        merged, divisor = torch.zeros_like(base), torch.zeros_like(base)
+        merged = torch.zeros_like(base)
         for i, d in _deltas(plan, name, read, base):
-            agree = torch.where(positive, d > 0, d < 0)
-            merged.add_(d.mul_(agree))
-            divisor.add_(agree.to(torch.float32), alpha=plan.weights[i])
-            del d, agree
+            for m, dv, x in zip(_chunks(merged), _chunks(divisor), _chunks(d)):
+                negative = torch.signbit(dv)
+                agree = torch.where(negative, x < 0, x > 0)
+                m.add_(x * agree)
+                dv.add_(torch.where(negative, -agree.float(), agree.float()), alpha=plan.weights[i])
+            del d
+        divisor.abs_()
         if plan.normalize:
             divisor[divisor == 0] = 1.0
             merged.div_(divisor)
-        del divisor, positive
+        del divisor
     if plan.lam != 1.0:
         merged.mul_(plan.lam)
     return merged.add_(base)
