@@ -152,3 +152,30 @@ def test_prompt_longer_than_context(ckpt, capsys):
 def test_bad_sampling_values(ckpt, capsys):
     err = _refused(capsys, "--load", str(ckpt / "ckpt"), "--prompt", "hi", "--top-p", "0")
     assert "top_p must be in (0, 1]" in err
+
+
+@pytest.mark.slow
+def test_generate_from_a_trainer_run(tmp_path):
+    """pretrain_gpt.py (3 iterations, instella-tiny: the real vocabulary) saves; `instella generate` loads
+    its checkpoint by the save directory and writes the same tokens as the engine on the same weights."""
+    from instella_plugin.testing.trainer import TINY_MODEL, run_trainer
+
+    run_trainer(1, TINY_MODEL + ["--model-preset", "instella-tiny", "--micro-batch-size", 1, "--global-batch-size",
+                                 1, "--train-iters", 3, "--save", tmp_path / "run"])
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    done = _instella("--load", str(tmp_path / "run"), "--prompts-file", str(tmp_path / "p.jsonl"), "--output",
+                     str(tmp_path / "out.jsonl"), "--max-new-tokens", "6", "--ignore-eos")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "iteration 3" in done.stderr and "instella-tiny" in done.stderr
+    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(row["tokens"]) == 6
+    (want,) = run_distributed(_engine_tokens_worker, 1, str(tmp_path / "run"), PROMPT, 6)
+    assert row["tokens"] == want
+
+
+def _engine_tokens_worker(load, prompt, new):
+    from instella_plugin.inference.api import SamplingParams
+    from instella_plugin.inference.loading import checkpoint_plan, load_generator
+
+    gen = load_generator(checkpoint_plan(load))
+    return list(gen.generate([prompt], SamplingParams(max_new_tokens=new, stop_at_eos=False))[0].tokens)
