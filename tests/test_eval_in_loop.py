@@ -24,7 +24,7 @@ def test_in_loop_scores_equal_instella_eval_on_the_saved_checkpoint(tmp_path):
     save = tmp_path / "run"
     args = ["--plugin", "instella", "--model-preset", "instella-tiny", "--seq-length", "128", "--mock-data",
             "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "1", "--lr-decay-style", "cosine",
-            "--log-interval", "1", "--no-plot", "--device", "cpu", "--micro-batch-size", "2",
+            "--log-interval", "1", "--device", "cpu", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1",
             "--save", save, "--save-interval", "2", "--tensor-model-parallel-size", "2",
             "--eval-tasks", TASKS, "--eval-tasks-data", data, "--eval-tasks-limit", "4"]
@@ -37,6 +37,7 @@ def test_in_loop_scores_equal_instella_eval_on_the_saved_checkpoint(tmp_path):
         if scores:
             logged[r["iteration"]] = scores
     assert sorted(logged) == [2, 4]
+    assert (save / "eval_scores.png").read_bytes()[:4] == b"\x89PNG"   # the loss plot's companion
     assert set(logged[2]) == {"arc_easy/acc", "arc_easy/acc_norm", "boolq/acc", "boolq/acc_norm"}
     for it in (2, 4):
         out = tmp_path / f"eval{it}.json"

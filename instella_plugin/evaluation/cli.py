@@ -24,7 +24,7 @@ from instella_plugin.evaluation.fetch import fetch
 from instella_plugin.evaluation.hf_backend import DTYPES, HFBackend
 from instella_plugin.evaluation.megatron_backend import MegatronBackend
 from instella_plugin.evaluation.runner import evaluate, prepare
-from instella_plugin.evaluation.task_config import resolve_tasks
+from instella_plugin.evaluation.task_config import cap_new_tokens, resolve_tasks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="results JSON (written atomically)")
     p.add_argument("--log-samples", action="store_true", help="keep per-example records in the JSON")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generation tasks' max_new_tokens (dry runs; recorded in the JSON)")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", choices=sorted(DTYPES))
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="--load: TP to run at")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="--load: PP to run at")
@@ -59,6 +61,10 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     tasks = resolve_tasks(args.tasks, args.suite)
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens < 1:
+            raise SystemExit(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        tasks = [cap_new_tokens(t, args.max_new_tokens) for t in tasks]
     prepared = prepare(tasks, args.data_dir, args.limit)
     if args.hf:
         _distributed()
@@ -75,7 +81,9 @@ def run(args) -> int:
         print(R.table(out["results"]))
         print(f"{sum(r['n'] for r in out['results'].values())} examples in {time.time() - start:.1f}s")
         if args.output:
-            R.write_results(args.output, R.run_record(out, backend.description, args.limit, args.log_samples))
+            record = R.run_record(out, backend.description, args.limit, args.log_samples)
+            record["max_new_tokens_cap"] = args.max_new_tokens
+            R.write_results(args.output, record)
             print(f"wrote {args.output}")
     return 0
 

@@ -7,7 +7,7 @@ Every key is checked when the file is read: an unknown key, a wrong type, a miss
 or a template that does not parse is refused with the file's name, before any model is loaded.
 """
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Dict, List, Optional, Tuple
 
 import yaml
@@ -173,6 +173,13 @@ def _check(cfg: TaskConfig) -> None:
             templates.check_syntax(cfg.doc_to_target)
     except templates.TemplateError as e:
         _fail(src, str(e))
+
+
+def cap_new_tokens(cfg: TaskConfig, cap: int) -> TaskConfig:
+    """The task with generation limited to ``cap`` new tokens (multiple-choice tasks unchanged)."""
+    if cfg.output != "generate" or cfg.generation.max_new_tokens <= cap:
+        return cfg
+    return replace(cfg, generation=replace(cfg.generation, max_new_tokens=cap))
 
 
 def _read_yaml(path: str):

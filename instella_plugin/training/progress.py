@@ -130,6 +130,10 @@ class Progress:
             path = plot_loss(os.path.join(self.flags.save, "train_log.jsonl"), os.path.join(self.flags.save, "loss.png"))
             if path:
                 print(f"loss curve written to {path}", flush=True)
+            path = plot_eval_scores(os.path.join(self.flags.save, "train_log.jsonl"),
+                                    os.path.join(self.flags.save, "eval_scores.png"))
+            if path:
+                print(f"downstream scores written to {path}", flush=True)
 
 
 def plot_loss(jsonl_path: str, png_path: str) -> Optional[str]:
@@ -158,6 +162,37 @@ def plot_loss(jsonl_path: str, png_path: str) -> Optional[str]:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def plot_eval_scores(jsonl_path: str, png_path: str) -> Optional[str]:
+    """The loss plot's companion: each downstream score (``eval/TASK/METRIC``) against iteration; None if none."""
+    scores = {}
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            for k, v in r.items():
+                if k.startswith("eval/"):
+                    scores.setdefault(k[len("eval/"):], {})[r["iteration"]] = v
+    if not scores:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(scores.items()):
+        ax.plot(sorted(points), [points[k] for k in sorted(points)], "o-", label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = png_path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
