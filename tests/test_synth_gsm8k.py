@@ -52,7 +52,7 @@ SEEDS = [
               "    subprocess.run(['ls'])\n    return hats + scarves", preamble="import subprocess\n"), None),
     ("A shelf has 5 rows of 9 books. How many books?", "45",
      _program({"rows": 5, "books": 9}, "A shelf has {rows} rows of {books} books. How many books?",
-              "    x = b'x'\n    while True:\n        x = x + x"), None),
+              "    x = []\n    while True:\n        x.append(bytearray(10 ** 8))"), None),
     ("Bo runs 3 laps twice. How many laps?", "6", "I am not sure how to write this as a program.", None),
     (CAKES.format(cakes=4, slices=8), "32", _program({"cakes": 4, "slices": 8}, CAKES, "    return cakes * slices"),
      lambda a, b: a * b),

@@ -3,13 +3,16 @@
 A program written by a language model is untrusted. ``run_program``:
 1. parses it and refuses, before running anything, imports other than arithmetic modules
    (``ALLOWED_MODULES``), the builtins that reach outside (``open``, ``eval``, ``exec``, ``__import__``...)
-   and dunder attributes (the usual ways out of restricted builtins);
+   dunder attributes and the attributes of frames, generators, tracebacks and code objects (the
+   usual ways out of restricted builtins);
 2. runs it in a fresh ``python -I -S`` process (``sandbox_child.py``) with an empty environment, an
    empty temporary working directory, its own session (killed as a group), and resource limits:
    address space (``memory_mb``), CPU seconds, no file writes (RLIMIT_FSIZE 0), few file descriptors,
    no child processes (RLIMIT_NPROC 0); each call also has a wall-clock alarm inside the child and
    the whole process a wall-clock limit in the parent. The child's builtins carry a guarded ``import``
-   (arithmetic modules only), so there is no socket, file system or process module to reach.
+   (arithmetic modules only), so there is no socket, file system or process module to reach, and an
+   audit hook (``sys.addaudithook``, which cannot be removed) stops any audited action (``open``,
+   ``os.listdir``, ``socket.connect``, ``subprocess.Popen``...) should a program get past the builtins.
    Network namespaces need privileges these machines may not grant, so the import guard is what
    keeps the network out; a deployment that can should add ``unshare -n`` (``SandboxLimits.prefix``).
 Every failure becomes a short reason (``imports os``, ``timeout``, ``memory limit``, ``raised
@@ -33,6 +36,9 @@ ALLOWED_MODULES = frozenset({"math", "fractions", "decimal", "statistics", "cmat
 FORBIDDEN_NAMES = frozenset({"open", "exec", "eval", "compile", "__import__", "input", "breakpoint", "globals",
                              "locals", "vars", "getattr", "setattr", "delattr", "memoryview", "help", "exit", "quit",
                              "__builtins__", "__loader__", "__spec__"})
+
+# frames, generators, coroutines, tracebacks and code objects lead back to the interpreter's own globals
+INTROSPECTION_PREFIXES = ("f_", "gi_", "cr_", "ag_", "tb_", "co_", "func_", "mro")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,8 @@ def check_program(source: str) -> Optional[str]:
                 return f"imports {node.module or '.'}"
         elif isinstance(node, ast.Name) and node.id in FORBIDDEN_NAMES:
             return f"uses {node.id}"
-        elif isinstance(node, ast.Attribute) and node.attr.startswith("__") and node.attr.endswith("__"):
+        elif isinstance(node, ast.Attribute) and (node.attr.startswith("__") and node.attr.endswith("__")
+                                                  or node.attr.startswith(INTROSPECTION_PREFIXES)):
             return f"uses attribute {node.attr}"
     return None
 

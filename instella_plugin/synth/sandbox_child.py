@@ -2,8 +2,10 @@
 
 Runs as ``python -I -S sandbox_child.py`` under the resource limits the parent set: reads one JSON
 request on stdin (the program, the calls to make, the per-call time limit), executes the program with
-restricted builtins (no ``open``, ``eval``, ``exec``...; ``import`` only of arithmetic modules), makes
-each call under a wall-clock alarm, and writes one JSON answer on its original stdout. What the program
+restricted builtins (no ``open``, ``eval``, ``exec``...; ``import`` only of arithmetic modules) and an
+audit hook that stops any audited action (opening files, listing directories, sockets, processes...)
+should the program find a way past the builtins, makes each call under a wall-clock alarm, and writes
+one JSON answer on its original stdout. What the program
 prints is discarded. Only the standard library: this file runs outside the package, in isolated mode.
 """
 import builtins
@@ -22,6 +24,20 @@ BLOCKED_BUILTINS = ("open", "exec", "eval", "compile", "__import__", "input", "b
 
 class CallTimeout(BaseException):
     """A call ran past its time limit (BaseException: a program's ``except Exception`` cannot swallow it)."""
+
+
+class Blocked(BaseException):
+    """An audited action (file, process, socket, import machinery...) the program is not allowed."""
+
+
+AUDIT_ALLOWED = frozenset({"compile", "exec"})  # this script's own compile + exec of the program
+
+
+def _audit(event, args):
+    # Installed once the program is about to run: arithmetic needs no audited action, so any event but
+    # the program's own compile/exec means it found a way to the file system, processes or network.
+    if event not in AUDIT_ALLOWED:
+        raise Blocked(event)
 
 
 def _guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
@@ -52,6 +68,8 @@ def _number(value):
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, CallTimeout):
         return "timeout"
+    if isinstance(exc, Blocked):
+        return f"blocked {exc}"
     if isinstance(exc, MemoryError):
         return "memory limit"
     if isinstance(exc, ImportError) and str(exc).startswith("imports "):
@@ -71,6 +89,9 @@ def main() -> None:
     sys.stdout = sys.stderr = io.StringIO()  # the program's prints are not the answer
     signal.signal(signal.SIGALRM, _on_alarm)
     timeout = float(request["timeout_s"])
+    for name in ALLOWED_MODULES:  # imported now: the program's imports are then cache hits, not audited loads
+        __import__(name)
+    sys.addaudithook(_audit)
     namespace = {"__builtins__": _safe_builtins(), "__name__": "program"}
     answer = {"loaded": False, "globals": {}, "calls": []}
     try:
