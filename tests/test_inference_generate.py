@@ -8,7 +8,8 @@ tokens, sampling with seeds, EOS and stop strings, log-likelihood scoring, and a
 training) model that generates and then takes a training step. The checkpoint is exported with
 ``megatron_to_hf`` and transformers' ``generate`` on our ``InstellaForCausalLM`` must give the same
 tokens, log-probabilities and scores. Loading the same checkpoint at TP=2 and at PP=2 (two gloo ranks
-each) must give the TP=1 tokens.
+each) must give the TP=1 tokens, also at TP=2 for a model set to sequence parallelism (generation
+runs without it and hands it back).
 """
 import copy
 
@@ -129,6 +130,7 @@ def _layout_worker(save_dir):
     from instella_plugin.inference.api import SamplingParams
     from instella_plugin.inference.loading import checkpoint_plan, load_generator
     from megatron.core import parallel_state as ps
+    from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
     plan = checkpoint_plan(save_dir, ps.get_tensor_model_parallel_world_size(),
                            ps.get_pipeline_model_parallel_world_size())
@@ -136,8 +138,14 @@ def _layout_worker(save_dir):
     out = gen.generate(prompts(), SamplingParams(max_new_tokens=NEW, stop_at_eos=False))
     sampled = gen.generate(prompts()[:3], SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.9,
                                                          seed=7, stop_at_eos=False))
-    return dict(tokens=[c.tokens for c in out], logprobs=[c.logprobs for c in out],
-                sampled=[c.tokens for c in sampled], loglikelihood=gen.loglikelihood(pairs()))
+    result = dict(tokens=[c.tokens for c in out], logprobs=[c.logprobs for c in out],
+                  sampled=[c.tokens for c in sampled], loglikelihood=gen.loglikelihood(pairs()))
+    if ps.get_tensor_model_parallel_world_size() > 1:  # a model trained with sequence parallelism
+        set_model_to_sequence_parallel(gen.model, True)
+        sp = gen.generate(prompts()[:2], SamplingParams(max_new_tokens=8, stop_at_eos=False))
+        result["sequence_parallel"] = ([c.tokens for c in sp], gen.model.config.sequence_parallel,
+                                       gen.model.decoder.layers[0].self_attention.linear_qkv.sequence_parallel)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +273,6 @@ def test_other_layouts_give_the_same_tokens(run, layout):
                     for a, b in zip(got, c.logprobs))
         assert worst < 1e-4
         assert max(abs(a[0] - b[0]) for a, b in zip(r["loglikelihood"], run["out"]["loglikelihood"])) < 1e-4
+        if "sequence_parallel" in r:  # generation runs without it and gives it back
+            tokens, config_sp, module_sp = r["sequence_parallel"]
+            assert tokens == [t[:8] for t in want[:2]] and config_sp and module_sp

@@ -12,10 +12,12 @@ generating); they are grouped by length so a batch wastes little.
 Every tensor-parallel and pipeline rank calls ``generate`` with the same prompts and gets the same
 completions (logits are gathered over TP and broadcast from the last stage; every rank samples with
 the same seed). ``loglikelihood`` scores (context, continuation) pairs with one forward pass each
-(``scoring.py``). The model's train/eval mode is restored after each call, and RoPE tables cached
-while generating (megatron caches them by length) are dropped, so a training step after a rollout
-never meets a tensor made under ``torch.inference_mode``.
+(``scoring.py``). The model is handed back as it was after each call (train/eval mode, sequence
+parallelism, which megatron's static inference runs without), and RoPE tables cached while
+generating (megatron caches them by length) are dropped, so a training step after a rollout never
+meets a tensor made under ``torch.inference_mode``.
 """
+import contextlib
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -27,6 +29,7 @@ from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper 
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 from megatron.core.inference.sampling_params import SamplingParams as MegatronSamplingParams
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from instella_plugin.inference.api import Completion, Prompt, SamplingParams
 from instella_plugin.inference.controller import InstellaTextGenerationController, find_stop
@@ -95,14 +98,11 @@ class MegatronGenerator:
         self.controller.start(params, on_token)
         requests = [InferenceRequest(request_id=i, prompt="", sampling_params=megatron_params, prompt_tokens=ids[i])
                     for i in order]
-        was_training = self.model.training
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*static engine will be deprecated.*")
             engine = StaticInferenceEngine(self.controller, max_batch_size=batch, legacy=True)
-        try:
+        with self._borrowed_model():
             done = engine.generate(inference_requests=requests)
-        finally:
-            self._release(was_training)
         by_id = {r.request_id: r.instella_trace for r in done}
         return [by_id[i] for i in range(len(ids))]
 
@@ -125,19 +125,28 @@ class MegatronGenerator:
     def _decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    def _release(self, was_training: bool) -> None:
-        self.wrapper.inference_context = StaticInferenceContext(1, 1)  # drop the KV cache
-        RotaryEmbedding.forward.cache_clear()
-        self.model.train(was_training)
+    @contextlib.contextmanager
+    def _borrowed_model(self):
+        """Run inference on the model, then hand it back as it was: train/eval mode, sequence parallelism
+        (megatron's static inference runs without it; a model trained with it gets it back), no KV cache,
+        and no RoPE tables cached under ``torch.inference_mode`` (megatron caches them by length)."""
+        was_training, sequence_parallel = self.model.training, self.config.sequence_parallel
+        if sequence_parallel:
+            set_model_to_sequence_parallel(self.model, False)
+        try:
+            yield
+        finally:
+            self.wrapper.inference_context = StaticInferenceContext(1, 1)
+            RotaryEmbedding.forward.cache_clear()
+            if sequence_parallel:
+                set_model_to_sequence_parallel(self.model, True)
+            self.model.train(was_training)
 
     # ---- scoring ------------------------------------------------------------------------------------------
     def loglikelihood(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
                       max_batch_tokens: int = 8192) -> List[Tuple[float, bool]]:
         """For each (context ids, continuation ids): (sum of the continuation's log-probabilities given
         the context, whether greedy decoding would produce the continuation). See ``scoring.py``."""
-        was_training = self.model.training
-        try:
+        with self._borrowed_model():
             return loglikelihood(self.wrapper, pairs, eod=self.controller.tokenizer.eod,
                                  max_length=self.max_sequence_length, max_batch_tokens=max_batch_tokens)
-        finally:
-            self._release(was_training)
