@@ -105,8 +105,8 @@ class Rollouts:
         self.clipped = [c.finish_reason == "length" for c in completions]
         self.rewards = rewards
         self.advantages = group_advantages(torch.tensor(rewards), group_size).tolist()
-        self.old_logprobs: List[List[float]] = [None] * len(completions)
-        self.ref_logprobs: List[List[float]] = [None] * len(completions)
+        self.old_logprobs: List[torch.Tensor] = [None] * len(completions)  # [len - 1] per row, CPU float32
+        self.ref_logprobs: List[torch.Tensor] = [None] * len(completions)
         self.entropy_sum = 0.0
 
     def __len__(self):
@@ -147,7 +147,7 @@ def score(model, rollouts: Rollouts, rows: List[int], budget: int, device, targe
         logits = model(batch["tokens"], batch["position_ids"], None)
         logp, entropy = vocab_parallel_logprobs_and_entropy(logits, batch["labels"], group)
         for k, i in enumerate(ids):
-            getattr(rollouts, target)[i] = logp[k, :lengths[chunk[k]]].tolist()
+            getattr(rollouts, target)[i] = logp[k, :lengths[chunk[k]]].float().cpu()
         if target == "old_logprobs":
             rollouts.entropy_sum += float((entropy * batch["loss_mask"]).sum())
     model.train(was_training)
