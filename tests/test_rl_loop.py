@@ -228,3 +228,30 @@ def test_pretrain_gpt_runs_grpo_from_the_command_line(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(r["iteration"] == 2 * r["step"] for r in log)
     meta = json.load(open(save / "iter_0000004" / "instella_meta.json"))
     assert meta["grpo"] == {"step": 2, "reference": "the run's initial weights"}
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_example_launcher_prints_a_command_the_trainer_accepts(tmp_path, monkeypatch, stage):
+    import shlex
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prompts = _write_prompts(tmp_path / "p.jsonl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DRY_RUN="1", PYTHON=sys.executable, STAGE=str(stage), PROMPTS=prompts, INIT_FROM=str(tmp_path / "sft"),
+               SAVE_DIR=str(tmp_path / "run"), TP="2")
+    res = subprocess.run(["bash", os.path.join(root, "examples", "grpo.sh")], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"grpo-stage{stage}: TP=2 DP=4; each rank: 8 prompts" in res.stdout
+    line = next(x for x in res.stdout.splitlines() if x.startswith(f"+ {sys.executable} -m torch.distributed.run"))
+    words = shlex.split(line[2:])
+    argv = words[words.index(os.path.join(root, "pretrain_gpt.py")) + 1:]
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    run, plugin = parse_args(argv)
+    settings = plugin.grpo_settings(run)
+    assert (run.layout.tp, run.layout.dp, settings.rollout_batch, run.flags.pretrained_checkpoint) == \
+        (2, 4, 16, str(tmp_path / "sft"))
+    bad = subprocess.run(["bash", os.path.join(root, "examples", "grpo.sh")], capture_output=True, text=True,
+                         env=dict(env, NPROC="6", TP="1"))
+    assert bad.returncode == 2 and "DP=6, which must divide the 32 prompts" in bad.stderr
