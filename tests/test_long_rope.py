@@ -111,6 +111,8 @@ def test_yarn_that_does_not_cover_the_context_is_refused():
     with pytest.raises(RopeScalingError, match="shorter than --seq-length 65536.*factor 16"):
         RopeScaling("yarn", 4.0, 4096).check_context(65536)
     RopeScaling("yarn", 16.0, 4096).check_context(65536)  # fits
+    with pytest.raises(RopeScalingError, match="factor 1 changes nothing"):
+        RopeScaling.for_context("linear", 2048, 4096).check_context(2048)
 
 
 def test_cli_flags_refused_before_building(monkeypatch):

@@ -84,6 +84,11 @@ class RopeScaling:
         """Refuse a run longer than the method extends to (original_context x factor)."""
         if self.method == "base-law":
             return
+        if self.factor == 1.0:
+            raise RopeScalingError(
+                f"--rope-scaling {self.method} with factor 1 changes nothing: --seq-length {seq_length} is not "
+                f"longer than --rope-original-context {self.original_context}; give the context the model was "
+                "trained at (--rope-original-context) or --rope-scaling-factor")
         covered = self.original_context * self.factor
         if seq_length > covered + 1e-6:
             raise RopeScalingError(
