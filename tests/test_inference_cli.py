@@ -68,6 +68,7 @@ def test_stream_and_file_give_the_same_greedy_text(ckpt):
     streamed = _instella("--load", str(ckpt / "ckpt"), "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos")
     assert streamed.returncode == 0, streamed.stderr[-3000:]
     assert "finished by: length" in streamed.stderr and "12 tokens" in streamed.stderr
+    assert "static requests" not in streamed.stderr  # megatron's progress bar is off while streaming
     rows = _prompts_file(ckpt / "prompts.jsonl")
     out = ckpt / "out.jsonl"
     done = _instella("--load", str(ckpt / "ckpt"), "--prompts-file", str(ckpt / "prompts.jsonl"), "--output",

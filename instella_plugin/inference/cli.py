@@ -14,6 +14,7 @@ import time
 
 from instella_plugin.data.tokenizer import load_tokenizer
 from instella_plugin.inference.api import SamplingParams
+from instella_plugin.inference.patches import QUIET
 from instella_plugin.inference.prompts import check_fits, prompt_ids, read_prompts_file
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="instella generate", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # megatron's engine draws a progress bar per batch
     # deferred: megatron-core (imported first by `instella`, with torch.compile deferred) is not needed by --help
     from instella_plugin.inference import loading
 
@@ -94,6 +94,8 @@ def _generate(args, loading, plan, tok, items, ids, params) -> int:
         print(f"loaded {plan.path} (iteration {plan.iteration}, {plan.model.preset}, TP={plan.tp} PP={plan.pp}, "
               f"{dtype}) in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
     stream = _Stream(tok) if rank0 and args.prompt is not None and not args.output else None
+    if args.prompt is not None:
+        QUIET.apply()  # no progress bar between the streamed tokens
     t0 = time.time()
     completions = gen.generate(ids, params, on_token=stream)
     seconds = time.time() - t0
