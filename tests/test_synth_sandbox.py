@@ -1,7 +1,6 @@
 """The sandbox for generated programs: what it runs, what it refuses, and that the refusal holds in the
 process itself (static check off), with the reason each failure is counted under."""
 import os
-import time
 
 import pytest
 
@@ -72,9 +71,8 @@ def test_globals_and_calls_with_the_programs_own_parameters():
                          {"ok": False, "error": "no function missing"}]
 
 
-def test_a_timeout_is_per_call_and_the_process_is_gone():
+def test_a_timeout_is_per_call():
     src = "def answer(a, b):\n    if a > 5:\n        while True:\n            pass\n    return a"
-    start = time.monotonic()
     run = run_program(src, [{"function": "answer", "kwargs": {"a": k, "b": 0}} for k in (1, 9, 2)], (), LIMITS)
+    # the looping call is stopped by its own alarm: the calls after it still run in the same process
     assert [c.get("value", c.get("error")) for c in run.calls] == [1, "timeout", 2]
-    assert time.monotonic() - start < 5
