@@ -110,7 +110,11 @@ def test_grpo_update_gradients_match_plain_pytorch_on_transformers_at_tp2():
     got = res[0]
     assert got["tokens"] == sum(float(b["loss_mask"].sum()) for b in batches)
     assert 0.05 < got["clipped"] < 0.95  # both branches of the clip are exercised
-    check_grads(got["grads"], ref_grads, got["loss"], ref_loss)  # loss within 1e-5 relative, grads 2e-5 of max
+    check_grads(got["grads"], ref_grads, got["loss"], ref_loss)  # the shared helper: every tensor present
+    worst = max(float((got["grads"][k] - g).abs().max()) / (float(g.abs().max()) + 1e-12) for k, g in ref_grads.items())
+    print(f"GRPO at TP=2 vs plain PyTorch: loss {got['loss']:.8f} vs {ref_loss:.8f}; worst gradient error "
+          f"{worst:.2e} of the tensor's largest entry")
+    assert abs(got["loss"] - ref_loss) <= 1e-6 * max(abs(ref_loss), 1.0) and worst < 1e-5
     assert res[1]["loss"] == got["loss"]
     with torch.no_grad():
         want_logp, want_entropy = _hf_logps(build_olmoe(CFG, hf_policy), batches[0])

@@ -157,8 +157,8 @@ def grpo(run, plugin, settings: GRPOSettings, reward_fn: Callable[[str, str], fl
          generator=None) -> dict:
     """Run GRPO as the run config says; return {"step", "iteration", "records"} (records on the reporting rank).
 
-    ``reward_fn(response_text, answer) -> float`` and ``generator`` (a ``TextGenerator``; default: the
-    live-model sampler) are the two seams tests and other tasks replace.
+    ``reward_fn(response_text, answer) -> float`` and ``generator`` (a ``TextGenerator``; default: as
+    ``--grpo-rollout-engine`` says) are the two seams tests and other tasks replace.
     """
     flags = run.flags
     tokenizer = load_tokenizer(flags.tokenizer_model)  # bad data fails here, before any model is built
@@ -228,7 +228,8 @@ def grpo(run, plugin, settings: GRPOSettings, reward_fn: Callable[[str, str], fl
         timing = {"rollout_s": t_rollout - t_start, "score_s": t_scored - t_rollout, "update_s": t_end - t_scored,
                   "rollout_tokens_per_s": totals.response_tokens / max(t_rollout - t_start, 1e-9),
                   "train_tokens_per_s": totals.sequence_tokens / max(t_end - t_scored, 1e-9)}
-        extra = {"loss": losses[-1], "grad_norm": grad_norms[-1], "lr": trainer.optimizer.param_groups[0]["lr"],
+        reported = [x for x in losses if x is not None]
+        extra = {"loss": sum(reported) / len(reported) if reported else None, "grad_norm": grad_norms[-1], "lr": trainer.optimizer.param_groups[0]["lr"],
                  "filtered_prompts": too_long}
         records[step] = log.step(step, trainer.iteration, totals, timing, extra)
         if step % settings.samples_interval == 0 or step == 1:
