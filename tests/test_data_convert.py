@@ -271,6 +271,10 @@ def test_bad_input_is_named(tmp_path):
         convert("smoltalk", good, [good], overwrite=True)
     with pytest.raises(SourceError, match="nothing to write.*filtered: {'no assistant turn': 1}"):
         convert("smoltalk", str(tmp_path / "e.jsonl"), [_jsonl(tmp_path / "q.jsonl", SMOLTALK[2:3])])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": []}\n{"messages": [oops\n')
+    with pytest.raises(SourceError, match=r"broken.jsonl: cannot read it as json .*JSON parse error"):
+        convert("smoltalk", str(tmp_path / "br.jsonl"), [str(broken)])
     with pytest.raises(ValueError, match="unsupported input format"):
         (tmp_path / "d.csv").write_text("a,b\n")
         convert("smoltalk", str(tmp_path / "e.jsonl"), [str(tmp_path / "d.csv")])

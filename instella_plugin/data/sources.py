@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import datasets
+import datasets.exceptions
 import pyarrow.parquet as pq
 import yaml
 
@@ -146,10 +147,17 @@ def iter_rows(files: Sequence[str], limit: Optional[int] = None) -> Iterator[Tup
         builder = _builder_for(path)
         # JSON is parsed in 1 MiB blocks (datasets' default, 10 MiB, keeps ~70 MB more resident for nothing)
         options = {"chunksize": JSON_CHUNK_BYTES} if builder == "json" else {}
-        stream = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
-        for n, row in enumerate(stream, 1):
-            if limit is not None and count >= limit:
-                return
+        stream = iter(datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options))
+        n = 0
+        while limit is None or count < limit:
+            try:
+                row = next(stream)
+            except StopIteration:
+                break
+            except (ValueError, datasets.exceptions.DatasetsError) as exc:  # arrow's parse errors are ValueErrors
+                raise SourceError(f"{path}: cannot read it as {builder} after row {n} ({type(exc).__name__}: {exc}); "
+                                  "a malformed line, or rows whose fields change type?") from exc
+            n += 1
             count += 1
             yield row, f"{path}#{n}"
 
