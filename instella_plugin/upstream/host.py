@@ -161,9 +161,11 @@ class PluginHost:
                 setattr(args, key, value)
         self.run = run_config_from_megatron_args(args, explicit, self.plugin)
         _check_batch_hook_layout(self.run.flags)
-        if self.run.data.kind == "dpo":
-            raise SystemExit("error: --dataset-type dpo (a reference model in the forward step) runs in instella's "
-                             "pretrain_gpt.py, not on Megatron-LM's loop")
+        own_loop = {"dpo": "a reference model in the forward step",
+                    "grpo": "rollouts between updates, an outer loop of its own"}
+        if self.run.data.kind in own_loop:
+            raise SystemExit(f"error: --dataset-type {self.run.data.kind} ({own_loop[self.run.data.kind]}) runs in "
+                             "instella's pretrain_gpt.py, not on Megatron-LM's loop")
         self.cfg = self.run.model
         self._check_resume(args)
         _write_back(args, self.run, self.transformer_config(args))
