@@ -127,6 +127,8 @@ def test_counts_and_reasons(full_run):
     assert rejected.pop("instance: outside the constraints") > 0
     assert rejected == EXPECTED_REJECTED
     assert json.load(open(out + ".summary.json"))["kept"] == 4
+    with open(out + ".summary.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_kept_answers_equal_their_programs(full_run):

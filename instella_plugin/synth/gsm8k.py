@@ -12,7 +12,8 @@ For each seed problem (GSM8K train: question and "#### answer"):
 5. agree: the generator solves each new problem step by step; only solutions whose final answer
    equals the program's are kept.
 Output: JSONL, one record per kept problem, with its chat (``messages``), its stage-2 text (``text``)
-and its provenance (seed, program, parameters, generator). Seeds are processed in batches; each
+and its provenance (seed, program, parameters, generator); the counts go to OUTPUT.summary.json and
+OUTPUT.summary.png. Seeds are processed in batches; each
 finished batch is on disk (``OUTPUT.partial`` plus ``OUTPUT.seeds.jsonl``) before the next starts, so
 an interrupted run (a generator that went down) resumes where it stopped. ``Summary`` counts every
 stage and every reason for rejection.
@@ -38,6 +39,7 @@ from instella_plugin.data.jsonl_output import JsonlOutput, refuse_output, write_
 from instella_plugin.inference.api import SamplingParams
 from instella_plugin.synth.decontaminate import NgramIndex
 from instella_plugin.synth.sandbox import SandboxLimits, run_program
+from instella_plugin.synth.summary_plot import plot_summary
 
 PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k_prompts.yaml")
 SOURCE = "gsm8k-synthetic"
@@ -359,6 +361,7 @@ def synthesise(seeds: Iterable[dict], output: str, generator, test_index: NgramI
                 progress(len(batch), summary)
         out.commit()
     write_json_atomic(output + ".summary.json", summary.as_dict())
+    plot_summary(summary.as_dict(), output + ".summary.png")
     for leftover in (progress_path, settings_path):
         os.remove(leftover)
     return summary
