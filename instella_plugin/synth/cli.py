@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         print(f"instella data synth: error: {exc}", file=sys.stderr)
         return 2
     print(summary.report())
-    print(f"wrote {args.output} and {args.output}.summary.json")
+    print(f"wrote {args.output}, {args.output}.summary.json and {args.output}.summary.png")
     if summary.kept == 0:
         print("instella data synth: error: no problem was kept; the reasons above say why", file=sys.stderr)
         return 1
