@@ -4,7 +4,8 @@ One rank builds a tiny Instella model with known random weights (norms 1 + 0.1 N
 with the trainer's ``save_checkpoint`` and runs everything that needs megatron at TP=1 in one
 launch: greedy generation of 8 prompts of different lengths x 48 new tokens (one ragged batch, and
 each prompt alone), the KV-cache logits of every decode step against a full forward of the same
-tokens, sampling with seeds, EOS and stop strings, log-likelihood scoring, and a live (DDP-wrapped,
+tokens, sampling with seeds, EOS and stop strings, log-likelihood scoring, a checkpoint that records YaRN
+(against transformers' YaRN), and a live (DDP-wrapped,
 training) model that generates and then takes a training step. The checkpoint is exported with
 ``megatron_to_hf`` and transformers' ``generate`` on our ``InstellaForCausalLM`` must give the same
 tokens, log-probabilities and scores. Loading the same checkpoint at TP=2 and at PP=2 (two gloo ranks
@@ -17,11 +18,13 @@ import pytest
 import torch
 
 from instella_plugin.model.config import get_preset
+from instella_plugin.rope.methods import RopeScaling
 from instella_plugin.testing.distributed import run_distributed
 from instella_plugin.testing.olmoe_reference import random_hf_weights
 
 CFG = get_preset("instella-test", rotary_base=50000.0, seq_length=96)
 LENGTHS = (2, 3, 5, 8, 11, 13, 16, 21)
+YARN = RopeScaling("yarn", 2.0, 48)
 NEW = 48
 
 
@@ -48,6 +51,7 @@ def _tp1_worker(cfg, hf, save_dir):
     from instella_plugin.data.tokenizer import load_tokenizer
     from instella_plugin.inference.api import SamplingParams
     from instella_plugin.inference.engine import MegatronGenerator
+    from instella_plugin.inference.loading import checkpoint_plan, load_generator
     from instella_plugin.model.build import build_gpt_chunks
     from instella_plugin.model.packed_attention import InstellaDotProductAttention
     from instella_plugin.model.weight_map import load_hf_into_model
@@ -112,6 +116,15 @@ def _tp1_worker(cfg, hf, save_dir):
     out["stop"] = (stop, gen.generate([prompts()[2]], SamplingParams(max_new_tokens=NEW, stop=(stop, "\x00never")))[0])
 
     out["loglikelihood"] = gen.loglikelihood(pairs(), max_batch_tokens=24)
+
+    # a checkpoint trained with YaRN: loading it applies its frequencies and softmax scale
+    save_checkpoint(save_dir + "_yarn", 5, chunks, cfg, save_rng=False,
+                    extra_meta={"spec": "instella", "rope_theta": cfg.rotary_base, "seq_length": cfg.seq_length,
+                                "tokenizer": "instella", "rope_scaling": YARN.to_meta()})
+    yarn = load_generator(checkpoint_plan(save_dir + "_yarn"), tokenizer=tok)
+    out["yarn"] = [c.tokens for c in yarn.generate(prompts()[:3], SamplingParams(max_new_tokens=16,
+                                                                                  stop_at_eos=False))]
+    out["yarn_inv_freq"] = yarn.model.rotary_pos_emb.inv_freq.clone()
 
     # the live model: same parameters (no copy), back in training mode, and a training step works
     before = {n: (p.data_ptr(), p.detach().clone()) for n, p in gen.model.named_parameters()}
@@ -259,6 +272,23 @@ def test_loglikelihood_equals_transformers(run, hf_model):
 def test_live_model_is_wrapped_in_place(run):
     out = run["out"]
     assert out["training_after"] and out["same_storage"] and out["grad_finite"]
+
+
+def test_yarn_checkpoint_equals_transformers_yarn(run):
+    """The checkpoint's recorded YaRN (factor 2 over 48 positions) is what generation runs: transformers'
+    OLMoE with the same rope_parameters (its own YaRN tables and attention factor) gives the same tokens."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRotaryEmbedding
+
+    from instella_plugin.testing.olmoe_reference import build_olmoe
+
+    out = run["out"]
+    ref = build_olmoe(CFG, random_hf_weights(CFG, seed=2)).eval()
+    ref.config.rope_parameters = YARN.hf_rope_parameters(CFG.rotary_base, CFG.head_dim)
+    ref.model.rotary_emb = OlmoeRotaryEmbedding(ref.config)
+    assert torch.allclose(out["yarn_inv_freq"], YARN.inv_freq(CFG.rotary_base, CFG.head_dim))
+    for p, got in zip(prompts()[:3], out["yarn"]):
+        assert list(got) == _hf_greedy(ref, p, 16)
+    assert out["yarn"] != [c.tokens[:16] for c in out["batch"][:3]]  # and it is not plain RoPE
 
 
 @pytest.mark.dist

@@ -1,7 +1,8 @@
 """A generator from a Megatron checkpoint, at any TP/PP layout (it may differ from the saved one).
 
 ``checkpoint_plan`` reads only the checkpoint's record (``instella_meta.json``): the model
-configuration, the RoPE theta it was last trained with, its context length and tokenizer, and checks
+configuration, the RoPE theta it was last trained with and its RoPE method (``rope_scaling``: linear,
+NTK, YaRN), its context length and tokenizer, and checks
 the requested layout against the model, so a bad path or layout fails before anything heavy.
 ``load_generator`` builds this rank's model chunk through the layer spec the checkpoint names and
 loads the weights with the trainer's ``load_model_weights`` (megatron dist checkpointing reshards the
@@ -22,7 +23,8 @@ from instella_plugin.data.tokenizer import load_tokenizer
 from instella_plugin.inference.engine import MegatronGenerator
 from instella_plugin.model.build import build_gpt_chunks
 from instella_plugin.model.config import InstellaConfig
-from instella_plugin.rope.apply import META_KEY
+from instella_plugin.rope.apply import META_KEY, apply_rope_method
+from instella_plugin.rope.methods import RopeScaling
 from instella_plugin.training.checkpointing import load_model_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +41,7 @@ class CheckpointPlan:
     iteration: int
     tp: int = 1
     pp: int = 1
+    rope_scaling: RopeScaling = RopeScaling()  # the context-extension method it was trained with
 
 
 def checkpoint_plan(load: str, tp: int = 1, pp: int = 1) -> CheckpointPlan:
@@ -62,9 +65,13 @@ def checkpoint_plan(load: str, tp: int = 1, pp: int = 1) -> CheckpointPlan:
     except ValueError as e:
         raise ValueError(f"--load {load} at --tensor-model-parallel-size {tp} --pipeline-model-parallel-size "
                          f"{pp}: {e}") from None
+    try:
+        scaling = RopeScaling.from_meta(meta.get("rope_scaling"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"--load {load}: its record's rope_scaling is not understood: {e}") from None
     return CheckpointPlan(path=path, model=cfg, seq_length=int(meta.get("seq_length", cfg.seq_length)),
                           spec=meta.get("spec", "instella"), tokenizer=meta.get("tokenizer"),
-                          iteration=int(meta.get("iteration", 0)), tp=tp, pp=pp)
+                          iteration=int(meta.get("iteration", 0)), tp=tp, pp=pp, rope_scaling=scaling)
 
 
 def init_inference_parallel(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234) -> torch.device:
@@ -94,14 +101,19 @@ def init_inference_parallel(tp: int = 1, pp: int = 1, device: str = "auto", seed
 
 
 def build_model(plan: CheckpointPlan, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
-    """This rank's model chunk, built at the current parallel state, with the checkpoint's weights."""
+    """This rank's model chunk, built at the current parallel state, with the checkpoint's weights and
+    its RoPE method (frequencies and, for YaRN, the softmax scale, as the trainer ran it)."""
+    scale = plan.rope_scaling.softmax_scale(plan.model.head_dim)
     tcfg = plan.model.transformer_config(
         tensor_parallel=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(), params_dtype=dtype)
+        pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(), params_dtype=dtype,
+        **({} if scale is None else {"softmax_scale": scale}))
     chunks = build_gpt_chunks(plan.model, tcfg, spec_name=plan.spec, init_seed=None, fused_output_loss=False)
     if device is not None and device.type != "cpu":
         chunks = [c.to(device) for c in chunks]
     load_model_weights(plan.path, chunks)
+    if plan.rope_scaling.scales:
+        apply_rope_method(chunks, plan.rope_scaling, plan.model.rotary_base)
     return chunks[0]
 
 
