@@ -253,3 +253,21 @@ def test_mixed_layouts_are_refused_before_reading(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="mix Hugging Face formats"):
         merge(spec.inputs, str(tmp_path / "out"), spec=spec)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_config_file_equals_flags(checkpoints, tmp_path, capsys):
+    from instella_plugin.hf.formats import HFCheckpoint
+    from instella_plugin.hf.merge_cli import main
+
+    root, _, _ = checkpoints
+    a, b, base = str(root / "s0"), str(root / "s1"), str(root / "base")
+    config = tmp_path / "ties.yaml"
+    config.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                      f"    parameters: {{weight: 2.0}}\n  - model: {b}\nparameters: {{density: 0.3, lambda: 0.7}}\n")
+    assert main(["--config", str(config), "--output", str(tmp_path / "c")]) == 0
+    assert main(["--method", "ties", "--inputs", a, b, "--base", base, "--weights", "2", "1", "--density", "0.3",
+                 "--lambda", "0.7", "--output", str(tmp_path / "f")]) == 0
+    c, f = HFCheckpoint(str(tmp_path / "c")), HFCheckpoint(str(tmp_path / "f"))
+    assert all(torch.equal(c.get(n), f.get(n)) for n in c.files.names())
+    assert main(["--config", str(config), "--density", "0.5", "--output", str(tmp_path / "x")]) == 2
+    assert "--density and --config" in capsys.readouterr().err and not (tmp_path / "x").exists()

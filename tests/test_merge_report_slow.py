@@ -20,10 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_tiny_seed_soup_report(tmp_path):
-    env = {**os.environ, "WORK": str(tmp_path), "PYTHON": sys.executable, "PYTHONPATH": ROOT}
+    env = {**os.environ, "WORK": str(tmp_path), "PYTHON": sys.executable, "PYTHONPATH": ROOT,
+           "S1_ITERS": "30", "S2_ITERS": "12", "EVAL_ITERS": "2"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "stage2_seeds_merge_tiny.sh")], env=env,
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     env.update(RUN_DIR=str(tmp_path), SEED_SUBDIR="", BASE=str(tmp_path / "stage1"), OUTPUT=str(tmp_path / "report"),
                HELDOUT_BLEND="tiny", DATA_ROOT=str(tmp_path / "data"), EVAL_SAMPLES="16", EVAL_SEQ_LENGTH="128")

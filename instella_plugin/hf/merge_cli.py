@@ -71,8 +71,13 @@ def spec_from_args(args):
     from instella_plugin.hf.merge_config import build_spec, load_spec, parse_schedule
 
     if args.config:
-        if args.inputs:
-            raise ValueError("give the inputs in --config's models or with --inputs, not both")
+        flags = {"--inputs": args.inputs, "--method": args.method, "--weights": args.weights, "--base": args.base,
+                 "--t": args.t, "--density": args.density, "--lambda": args.lam, "--combine": args.combine,
+                 "--rescale": args.rescale, "--seed": args.seed, "--no-normalize": args.no_normalize or None}
+        both = [k for k, v in flags.items() if v is not None]
+        if both:
+            raise ValueError(f"{', '.join(both)} and --config: give the merge in one place (the config's models "
+                             "and parameters, or the flags)")
         return load_spec(args.config)
     if not args.inputs:
         raise ValueError("give --inputs (or --config)")
