@@ -168,11 +168,11 @@ def _progress_line(name: str, counts: Counts, total: Optional[int], seconds: flo
 
 def convert(name: str, output: str, inputs: Sequence[str] = (), as_text: bool = False, seed: int = DEFAULT_SEED,
             limit: Optional[int] = None, config: Optional[str] = None, split: Optional[str] = None,
-            overwrite: bool = False, progress_every: float = 10.0, registry: Optional[str] = None) -> Counts:
+            overwrite: bool = False, progress_every: float = 10.0) -> Counts:
     """Convert source ``name`` to ``output`` (JSONL) and write ``output.counts.json``; returns the counts.
 
     Checks the source, the inputs and the output before reading any row."""
-    src = get_source(name, registry) if registry else get_source(name)
+    src = get_source(name)
     convert_row = RowConverter(src, as_text, seed)
     files = source_files(src, inputs, config, split)
     refuse_output(output, overwrite, files)
