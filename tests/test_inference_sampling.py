@@ -75,3 +75,16 @@ def test_seeded_greedy_and_logprobs():
     k1, _ = choose_tokens(x, 1.3, 1, 1.0, torch.Generator().manual_seed(1))
     assert torch.equal(k1, greedy)
     assert torch.allclose(lg, torch.log_softmax(x, -1).gather(-1, greedy[:, None])[:, 0])
+
+
+def test_padding_rows_are_never_chosen():
+    """A model's embedding is padded past the tokenizer's ids: those rows are masked when choosing, while
+    the log-probability stays the model's own (over every row, as the trainer computes it)."""
+    x = logits()
+    x[:, 290:] = 50.0  # the padding rows would win every draw
+    full = torch.log_softmax(x, -1)
+    greedy, lp = choose_tokens(x, 0.0, 0, 1.0, None, vocab=290)
+    assert torch.equal(greedy, x[:, :290].argmax(-1))
+    assert torch.allclose(lp, full.gather(-1, greedy[:, None])[:, 0])
+    sampled, _ = choose_tokens(x.repeat(50, 1), 1.0, 0, 0.9, torch.Generator().manual_seed(2), vocab=290)
+    assert int(sampled.max()) < 290

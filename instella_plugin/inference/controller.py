@@ -6,8 +6,9 @@ static-batch loop: prefill up to the shortest prompt, then one token per step wi
 changes three hooks of that loop:
 
 - ``sample_from_logits``: temperature, top-k and top-p together (``sampling.choose_tokens``, the
-  order of transformers' processors) from the controller's seeded ``sampling_rng``, and the model's
-  log-probability of every chosen token (megatron's own ``return_log_probs`` materialises the
+  order of transformers' processors) from the controller's seeded ``sampling_rng``, never an id the
+  tokenizer does not have (the embedding's padding rows), and the model's log-probability of every
+  chosen token (megatron's own ``return_log_probs`` materialises the
   ``[batch, prompt, vocab]`` log-softmax of every prompt, which a rollout does not need);
 - ``update_generation_status``: records each row's token and log-probability by position (the
   trace the completions are cut from), ends a row at its ``max_new_tokens`` or at a stop string as
@@ -38,6 +39,7 @@ class InstellaTextGenerationController(TextGenerationController):
     params: SamplingParams = SamplingParams()
     on_token: Optional[OnToken] = None
     _step_logprobs: Optional[torch.Tensor] = None
+    sample_vocab: Optional[int] = None  # ids at or above it (the embedding's padding rows) are never chosen
 
     def start(self, params: SamplingParams, on_token: Optional[OnToken] = None) -> None:
         """Before a ``generate``: the sampling settings, the stream callback, and the seed."""
@@ -49,7 +51,7 @@ class InstellaTextGenerationController(TextGenerationController):
                            generation_started=None, top_n_logprobs_dict=None, logits=None, **kwargs):
         p = self.params
         tokens, self._step_logprobs = choose_tokens(last_token_logits, p.temperature, p.top_k, p.top_p,
-                                                    self.sampling_rng)
+                                                    self.sampling_rng, vocab=self.sample_vocab)
         return tokens
 
     def update_generation_status(self, updated_prompts_tokens, generation_started, current_context_end_position,
@@ -59,19 +61,21 @@ class InstellaTextGenerationController(TextGenerationController):
             updated_prompts_tokens, generation_started, current_context_end_position, is_generation_done_tensor,
             generated_sequence_lengths, termination_id)
         pos = current_context_end_position
-        rows = torch.nonzero(generation_started & ~was_done).flatten().tolist()
-        for r in rows:
-            start = self._prompt_lengths[r]
-            if pos - start >= self.params.max_new_tokens:
-                done[r] = True
+        active = (generation_started & ~was_done).tolist()
+        tokens, logprobs = updated_prompts_tokens[:, pos].tolist(), self._step_logprobs.tolist()  # one copy a step
+        ended = []
+        for r in (r for r, a in enumerate(active) if a):
+            if pos - self._prompt_lengths[r] >= self.params.max_new_tokens:
+                ended.append(r)
                 continue
-            token = int(updated_prompts_tokens[r, pos])
-            self._trace_tokens[r].append(token)
-            self._trace_logprobs[r].append(float(self._step_logprobs[r]))
+            self._trace_tokens[r].append(tokens[r])
+            self._trace_logprobs[r].append(logprobs[r])
             if self.on_token is not None:
-                self.on_token(self._request_ids[r], token)
+                self.on_token(self._request_ids[r], tokens[r])
             if len(self._trace_tokens[r]) >= self.params.max_new_tokens or self._hits_stop(r):
-                done[r] = True
+                ended.append(r)
+        if ended:
+            done[ended] = True
         return done, lengths
 
     @torch.inference_mode()

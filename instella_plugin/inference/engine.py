@@ -62,6 +62,7 @@ class MegatronGenerator:
             inference_max_requests=self.max_batch_size, inference_max_seq_length=self.max_sequence_length)
         self.wrapper = GPTInferenceWrapper(self.model, self.wrapper_config, StaticInferenceContext(1, 1))
         self.controller = InstellaTextGenerationController(self.wrapper, MegatronTokenizerAdapter(tokenizer))
+        self.controller.sample_vocab = min(len(tokenizer), self.vocab_size)
 
     # ---- prompts --------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt) -> List[int]:

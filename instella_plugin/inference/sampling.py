@@ -29,13 +29,18 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
 
 
 def choose_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                  generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+                  generator: Optional[torch.Generator], vocab: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(tokens [batch], their log-probabilities under the model [batch]) for last-position logits.
 
-    ``temperature == 0`` is greedy (argmax). The log-probabilities are the model's own (log-softmax of
-    the unscaled, unfiltered logits), what a policy-gradient objective compares against.
+    ``temperature == 0`` is greedy (argmax). ``vocab``: only ids below it are chosen (a model's
+    embedding is padded past the tokenizer's ids). The log-probabilities are the model's own
+    (log-softmax of the unscaled, unfiltered, unmasked logits over every row), what a trainer's
+    forward pass computes and a policy-gradient objective compares against.
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
+    if vocab is not None and vocab < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., vocab:] = float("-inf")
     if temperature == 0.0:
         tokens = torch.argmax(logits, dim=-1)
     else:
