@@ -1,5 +1,5 @@
 """The Megatron backend: a converted checkpoint scores like the Hugging Face directory it came from,
-at TP=2, and data-parallel ranks split the work without changing a single number.
+at TP=2 (and PP=2, slow tier), and data-parallel ranks split the work without changing a single number.
 
 The tiny model of ``test_eval_parity`` is converted with ``hf_to_megatron``; two gloo ranks load it
 with the evaluation's Megatron backend (megatron-core inference) at TP=2 and must give the HF
@@ -38,10 +38,10 @@ def files(tmp_path_factory):
     return hf, root / "ckpt", write_task_data(root / "data", n=8)
 
 
-def _megatron_worker(ckpt, data_dir, tp, dp1_too):
+def _megatron_worker(ckpt, data_dir, tp, dp1_too, pp=1):
     from instella_plugin.evaluation.megatron_backend import MegatronBackend
 
-    backend = MegatronBackend(str(ckpt), tp=tp, batch_size=3)
+    backend = MegatronBackend(str(ckpt), tp=tp, pp=pp, batch_size=3)
     out = {"dp": backend.dp_size, "result": evaluate(_tasks(), backend, str(data_dir), limit=LIMIT)}
     if dp1_too:   # the same model, one rank doing every batch: the DP=1 computation
         backend.dp_rank, backend.dp_size, backend.gather = 0, 1, lambda obj: [obj]
@@ -71,6 +71,15 @@ def test_megatron_tp2_equals_hf_backend(files):
     worst = _compare(ranks[0]["result"], ours_hf, 1e-4)
     print(f"Megatron TP=2 vs HF: max |loglikelihood difference| {worst:.2e}")
     assert sum(len(s["responses"][0]) for s in ours_hf["samples"]["gen"]) > 0
+
+
+@pytest.mark.slow
+def test_megatron_pp2_equals_hf_backend(files):
+    hf, ckpt, data = files
+    ours_hf = evaluate(_tasks(), HFBackend(str(hf), batch_size=3), str(data), limit=LIMIT)
+    ranks = run_distributed(_megatron_worker, 2, ckpt, data, 1, False, 2, pp=2)
+    assert ranks[0]["dp"] == 1 and ranks[0]["result"]["samples"] == ranks[1]["result"]["samples"]
+    print(f"Megatron PP=2 vs HF: max |loglikelihood difference| {_compare(ranks[0]['result'], ours_hf, 1e-4):.2e}")
 
 
 @pytest.mark.slow

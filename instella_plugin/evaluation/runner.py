@@ -9,7 +9,7 @@ extracts and compares the answer.
 """
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from instella_plugin.evaluation import metrics as M
@@ -128,15 +128,23 @@ def run_requests(reqs: List[TaskRequests], backend, log=None) -> Tuple[list, lis
                                         seed=_seed(g.seed, ex.task, ex.part, ex.index, j) if g.temperature else g.seed)
                 items.append((ids, params))
 
-    def generate(batch):
+    def generate(batch):  # one call for a batch of greedy prompts; sampled ones each with their own seed
         if all(p == batch[0][1] for _, p in batch):
-            return backend.generate([ids for ids, _ in batch], batch[0][1])
-        return [c for ids, p in batch for c in backend.generate([ids], p)]
+            return [c.text for c in backend.generate([ids for ids, _ in batch], batch[0][1])]
+        return [c.text for ids, p in batch for c in backend.generate([ids], p)]
 
-    gen = run_sharded(generate, items, [len(i) for i, _ in items], backend.batch_size, backend.dp_rank,
-                      backend.dp_size, backend.gather,
-                      _progress("generation", log)) if items else []
-    return ll, [c.text for c in gen]
+    # requests with the same decoding settings (seeds aside) share batches; each group is sharded alike
+    groups = {}
+    for i, (_, p) in enumerate(items):
+        groups.setdefault(replace(p, seed=0), []).append(i)
+    texts = [None] * len(items)
+    for members in groups.values():
+        part = [items[i] for i in members]
+        done = run_sharded(generate, part, [len(ids) for ids, _ in part], backend.batch_size, backend.dp_rank,
+                           backend.dp_size, backend.gather, _progress("generation", log))
+        for i, t in zip(members, done):
+            texts[i] = t
+    return ll, texts
 
 
 def score_task(r: TaskRequests, ll: list, texts: list) -> dict:

@@ -28,6 +28,8 @@
 #               tokens, hidden 2560, bf16: megatron's path vs the fused one, time and peak memory
 #   generate    bench/bench_generate.py: megatron-core generation vs transformers' generate, instella-1b
 #               bf16, batch 1 and 16, tokens/s and ratio
+#   eval-throughput bench/bench_eval.py: multiple-choice scoring examples/s, our evaluator (HF and
+#               Megatron backends) vs lm-eval's HF backend on the same examples, instella-1b bf16
 #   kernels     tests/gpu/check_kernels.py (builds and checks the fused kernels), if present
 #   train fused the tiny preset at TP=1 again with --spec instella-fused (fails unless the kernels
 #               run natively)
@@ -177,6 +179,17 @@ if [[ $DRY -eq 1 ]]; then
 elif (( NGPU >= 1 )); then
   check generate 300 60 "$PY" bench/bench_generate.py --device cuda --preset instella-1b --dtype bfloat16 \
     --batches 1,16 --new 128 --prompt 256 --out "$WORK/generate.json"
+fi
+
+# Multiple-choice scoring throughput: our evaluator (HF and Megatron backends) vs lm-eval's HFLM on the
+# same 1,000 ARC-style examples (the ratio is printed, not asserted; per-example acc/acc_norm compared).
+if ! "$PY" -c "import lm_eval" 2>/dev/null; then
+  record SKIP eval-throughput "lm-eval is not installed for $PY (the lm-eval baseline needs it)"
+elif [[ $DRY -eq 1 ]]; then
+  check eval-throughput 300 40 "$PY" bench/bench_eval.py --examples 16 --megatron --out "$WORK/eval.json"
+elif (( NGPU >= 1 )); then
+  check eval-throughput 300 60 "$PY" bench/bench_eval.py --preset instella-1b --dtype bfloat16 --examples 1000 \
+    --batch-size 32 --megatron --out "$WORK/eval.json"
 fi
 
 if [[ ! -f tests/gpu/check_kernels.py ]]; then
