@@ -16,6 +16,7 @@ import yaml
 from instella_plugin.data.tokenizer import load_tokenizer
 from instella_plugin.inference.api import Completion
 from instella_plugin.synth.long_qa import LongQAConfig, parse_qa, split_spans, synthesise_long_qa, write_long_qa
+from instella_plugin.synth.long_qa_cli import main  # imports megatron-core's inference (its faulthandler needs the real stderr)
 
 WORDS = ("amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lumen meadow nectar onyx "
          "pebble quartz raven saffron tundra umber violet willow xenon yarrow zephyr").split()
@@ -128,6 +129,48 @@ def test_summary_kind_names_the_span_by_its_opening(tok):
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LongQAConfig(**kwargs)
+
+
+def test_cli_through_an_openai_compatible_endpoint(tmp_path, capsys):
+    """The CLI end to end against a local HTTP server speaking /v1/completions."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            first = body["prompt"].split("Passage:\n", 1)[1].split()[0]
+            reply = {"choices": [{"text": f"Question: First word?\nAnswer: {first}", "finish_reason": "stop"}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        docs = tmp_path / "docs.jsonl"
+        docs.write_text("".join(json.dumps({"text": document(k)}) + "\n" for k in range(3)))
+        out = tmp_path / "qa.jsonl"
+        argv = [str(docs), "--output", str(out), "--endpoint", f"http://127.0.0.1:{server.server_port}/v1",
+                "--span-tokens", "64", "128", "--min-document-tokens", "200", "--max-new-tokens", "32"]
+        assert main(argv) == 0
+        assert "3 chats from 3 documents" in capsys.readouterr().out
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(rows) == 3 and len(seen) == 3 and seen[0]["max_tokens"] == 32 and seen[0]["temperature"] == 0.0
+        assert all(r["messages"][0]["content"].endswith("First word?") for r in rows)
+        assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+        assert main([str(tmp_path / "none.jsonl")] + argv[1:] + ["--overwrite"]) == 2
+    finally:
+        server.shutdown()
 
 
 # ---- slow: a tiny checkpoint generates, long-sft trains on the result --------------------------------
