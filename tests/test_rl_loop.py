@@ -92,6 +92,25 @@ def test_prompt_loading_filters_long_prompts_and_orders_by_seed(tmp_path):
     assert first[:5] != first[5:10] or first[:5] != problem_order(5, seed=4, start=0, count=5)
 
 
+def test_parquet_rows_and_chat_message_prompts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"problem": "1+1?", "solution": "2"}, {"problem": "2+3?", "solution": "5"}]),
+                   str(path))
+    problems, too_long = load_problems(str(path), None, "problem", "solution", max_prompt_tokens=64)
+    assert too_long == 0 and [p.answer for p in problems] == ["2", "5"]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "1+1?"}], "answer": 2}) + "\n")
+    (problem,), _ = load_problems(str(chat), None, "prompt", "answer", max_prompt_tokens=64)
+    from instella_plugin.data.tokenizer import load_tokenizer
+
+    text = load_tokenizer().decode(problem.prompt_ids)
+    assert text == "<|endoftext|><|system|>\nBe brief.\n<|user|>\n1+1?\n<|assistant|>\n" and problem.answer == "2"
+
+
 def test_token_budget_groups_and_response_masks():
     assert token_budget_groups([10, 10, 10, 30, 5], budget=30) == [[0, 1, 2], [3], [4]]
     assert token_budget_groups([50], budget=10) == [[0]]  # a longer row goes alone
@@ -216,16 +235,20 @@ def test_an_interrupted_run_resumes_into_the_same_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_gpt_runs_grpo_from_the_command_line(tmp_path):
-    """`pretrain_gpt.py --dataset-type grpo` reaches the GRPO loop through the plugin (torchrun, 2 ranks, TP=2)."""
+@pytest.mark.parametrize("tp", [2, 1])
+def test_pretrain_gpt_runs_grpo_from_the_command_line(tmp_path, tp):
+    """`pretrain_gpt.py --dataset-type grpo` reaches the GRPO loop through the plugin (torchrun, 2 ranks: TP=2,
+    or DP=2 where each rank generates for its half of every mini-batch and the step's figures add up)."""
     from instella_plugin.testing.trainer import run_trainer
 
     prompts = _write_prompts(tmp_path / "p.jsonl")
     save = tmp_path / "run"
-    proc = run_trainer(2, _grpo_args(prompts, "--train-iters", 4, "--save", save, "--no-plot"))
+    proc = run_trainer(2, _grpo_args(prompts, "--train-iters", 4, "--save", save, "--no-plot",
+                                     "--tensor-model-parallel-size", tp))
     assert "grpo: 16 prompts" in proc.stdout and "grpo step     2/2" in proc.stdout
     log = [json.loads(line) for line in open(save / "grpo_log.jsonl")]
     assert [r["step"] for r in log] == [1, 2] and all(r["iteration"] == 2 * r["step"] for r in log)
+    assert all(r["rollouts"] == 64 and r["response_length_mean"] > 0 for r in log)  # 8 prompts x 8, all ranks
     meta = json.load(open(save / "iter_0000004" / "instella_meta.json"))
     assert meta["grpo"] == {"step": 2, "reference": "the run's initial weights"}
 

@@ -44,7 +44,7 @@ class StepTotals:
     def record(self) -> dict:
         n, t = max(self.rollouts, 1.0), max(self.train_tokens, 1.0)
         mean = self.reward_sum / n
-        return {"reward_mean": mean, "reward_std": max(self.reward_sq_sum / n - mean * mean, 0.0) ** 0.5,
+        return {"rollouts": int(self.rollouts), "reward_mean": mean, "reward_std": max(self.reward_sq_sum / n - mean * mean, 0.0) ** 0.5,
                 "accuracy": self.correct / n, "response_length_mean": self.response_tokens / n,
                 "response_length_max": self.response_max, "response_clipped_fraction": self.clipped / n,
                 "entropy": self.entropy_sum / max(self.response_tokens, 1.0), "kl": self.kl_sum / t,
