@@ -28,7 +28,7 @@ def test_tiny_seed_soup_report(tmp_path):
                           capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     env.update(RUN_DIR=str(tmp_path), SEED_SUBDIR="", BASE=str(tmp_path / "stage1"), OUTPUT=str(tmp_path / "report"),
-               HELDOUT_BLEND="tiny", DATA_ROOT=str(tmp_path / "data"), EVAL_SAMPLES="16", EVAL_SEQ_LENGTH="128")
+               HELDOUT_BLEND="tiny", DATA_ROOT=str(tmp_path / "data"), EVAL_SAMPLES="12", EVAL_SEQ_LENGTH="128")
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "merge_report.sh")], env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -64,7 +64,9 @@ def build_evaluator(args):
     if args.score_command:
         return merge_eval.CommandScore(args.score_command, higher_is_better=args.higher_is_better)
     prefixes = merge_eval.heldout_prefixes(args.heldout, args.heldout_blend, args.data_root)
-    return merge_eval.HeldOutLoss(prefixes, seq_length=args.eval_seq_length, num_samples=args.eval_samples)
+    evaluator = merge_eval.HeldOutLoss(prefixes, seq_length=args.eval_seq_length, num_samples=args.eval_samples)
+    evaluator.windows()  # too little held-out data is refused now, before any checkpoint is read
+    return evaluator
 
 
 def spec_from_args(args):

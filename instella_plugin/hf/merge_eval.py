@@ -5,7 +5,8 @@ the report take any such object, so another scorer plugs in without touching the
 
 - ``HeldOutLoss``: mean next-token cross entropy (nats) of the checkpoint on fixed windows of
   ``seq_length + 1`` tokens cut from held-out Megatron ``.bin/.idx`` data (documents concatenated in
-  order; windows taken round-robin over the prefixes), lower is better. The checkpoint runs as the
+  order; windows taken round-robin over the prefixes), lower is better. Too little data is refused
+  when the evaluator is built (``windows()``), before any checkpoint is read. The checkpoint runs as the
   transformers ``InstellaForCausalLM`` in fp32 (a Megatron checkpoint's tensors are read one by one
   and translated to Hugging Face names; any TP/PP layout), so the same function scores every input,
   merge and interpolation point.
@@ -87,7 +88,8 @@ class HeldOutLoss:
             for p in self.prefixes:
                 stream = np.concatenate([d.astype(np.int64) for d in read_documents(p)])
                 per_prefix.append([stream[i:i + n] for i in range(0, len(stream) - n + 1, n)])
-            rows = [w for group in zip(*per_prefix) for w in group] if len(per_prefix) > 1 else per_prefix[0]
+            longest = max(len(g) for g in per_prefix)  # round-robin; a prefix that runs out drops out
+            rows = [g[i] for i in range(longest) for g in per_prefix if i < len(g)]
             if len(rows) < self.num_samples:
                 raise ValueError(f"the held-out data holds {len(rows)} windows of {n} tokens, fewer than the "
                                  f"{self.num_samples} asked for; lower --eval-samples or --eval-seq-length")
