@@ -4,7 +4,8 @@ On fixed logits (random, with ties and a peaked row), ``filter_logits`` must giv
 ``TemperatureLogitsWarper`` -> ``TopKLogitsWarper`` -> ``TopPLogitsWarper`` give (same kept tokens,
 same values); ``choose_tokens`` must draw from the softmax of that (a chi-square-style bound on 20000
 draws), be reproducible with a seeded generator, equal argmax at temperature 0 and with top_k=1, and
-return the model's own log-probabilities of the chosen tokens.
+return the model's own log-probabilities of the chosen tokens; ids past ``vocab`` (padding rows) are
+never drawn.
 """
 import pytest
 import torch
@@ -49,14 +50,17 @@ def test_filters_equal_transformers_processors(temperature, top_k, top_p):
     assert kept.sum(-1).min() >= 1
 
 
-def test_draws_follow_the_filtered_distribution():
-    x = logits()[:1]
-    probs = filter_logits(x, 0.8, 30, 0.9).softmax(-1)[0]
+@pytest.mark.parametrize("temperature,top_k,top_p,vocab", [(0.8, 30, 0.9, None), (1.0, 0, 1.0, 280)])
+def test_draws_follow_the_filtered_distribution(temperature, top_k, top_p, vocab):
+    x = logits()[:1] * 0.5
+    probs = torch.zeros(x.shape[1])
+    v = vocab or x.shape[1]
+    probs[:v] = filter_logits(x[:, :v], temperature, top_k, top_p).softmax(-1)[0]
     g = torch.Generator().manual_seed(3)
     n = 20000
     counts = torch.zeros(x.shape[1])
     for _ in range(n // 500):
-        tokens, _ = choose_tokens(x.expand(500, -1), 0.8, 30, 0.9, g)
+        tokens, _ = choose_tokens(x.expand(500, -1), temperature, top_k, top_p, g, vocab=vocab)
         counts += torch.bincount(tokens, minlength=x.shape[1]).float()
     assert counts[probs == 0].sum() == 0  # nothing outside the filter
     expected = probs * n
