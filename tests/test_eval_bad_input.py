@@ -5,6 +5,7 @@ import pytest
 
 from instella_plugin.evaluation import cli
 from instella_plugin.evaluation.examples import build_examples
+from instella_plugin.evaluation.hf_backend import HFBackend
 from instella_plugin.evaluation.runner import ContextTooLong, build_requests
 from instella_plugin.evaluation.task_config import TaskDefinitionError, load_task, resolve_tasks, task_from_dict
 from instella_plugin.evaluation.task_data import TaskDataError
@@ -101,6 +102,17 @@ def test_prompt_longer_than_the_context(data):
         build_requests(mc, build_examples(mc, str(data), limit=1), load_tokenizer(), 8)
 
 
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    from test_eval_parity import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = 50000
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the tokenizer has 50280 ids but the model only 50000 embedding rows"):
+        HFBackend(str(model))
+
+
 def test_cli_checks_data_before_loading_a_model(tmp_path, capsys):
     # the model directory does not exist either: the data error must come first
     with pytest.raises(TaskDataError, match="Rowan/hellaswag"):
@@ -108,6 +120,8 @@ def test_cli_checks_data_before_loading_a_model(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no config.json there"):
         cli.main(["--hf", str(tmp_path / "no-model"), "--tasks", "hellaswag", "--data-dir",
                   str(write_task_data(tmp_path / "d", n=2))])
+    with pytest.raises(FileNotFoundError, match="--load .*no-ckpt: no such checkpoint directory"):
+        cli.main(["--load", str(tmp_path / "no-ckpt"), "--tasks", "boolq", "--data-dir", str(tmp_path / "d")])
     with pytest.raises(SystemExit):
         cli.main(["--hf", "x", "--data-dir", "d"])  # neither --tasks nor --suite
     assert "one of the arguments --tasks --suite is required" in capsys.readouterr().err

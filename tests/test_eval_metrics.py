@@ -134,3 +134,17 @@ def test_prompt_file_shot_count_is_checked():
     assert prompt_file_shots(text, "f.txt", 2) == "Task.\n\nQ: a\nA: x\n\nQ: b\nA: y\n\n"
     with pytest.raises(TaskDataError, match="f.txt holds 2 shots.*num_fewshot 3"):
         prompt_file_shots(text, "f.txt", 3)
+
+
+def test_fetch_plans_every_file_and_keeps_existing_ones(tmp_path):
+    from instella_plugin.evaluation.fetch import fetch, planned_files
+
+    data = write_task_data(tmp_path, n=2)
+    suite = load_suite("instella-base")
+    plan = [p for t in suite for p in planned_files(t, str(data))]
+    kinds = [k for k, _, _ in plan]
+    assert kinds.count("file") == 27 and kinds.count("split") == 8 + 2 + 27 + 2   # 0-shot, mmlu, bbh, gsm8k
+    assert ("split", ("cais/mmlu", "all", "dev"), str(data / "cais/mmlu/all/dev.jsonl")) in plan
+    assert all(__import__("os").path.isfile(target) for _, _, target in plan)   # the fixture has every file
+    logged = []
+    assert fetch(suite, str(data), log=logged.append) == 0 and len(logged) == len(plan)

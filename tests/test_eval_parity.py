@@ -220,3 +220,47 @@ def test_greedy_generation_matches_lm_eval(lm_eval_run, ours_run):
         assert t["resps"][0][0] == o["responses"][0]
         assert t["exact_match"] == o["metrics"]["exact_match"]
     assert sum(len(o["responses"][0]) for o in ours) > 0
+
+
+MMLU_SUBJECTS = ("college_physics", "world_religions")
+
+
+@pytest.fixture(scope="module")
+def lm_eval_mmlu(tiny_dir, data_dir, tmp_path_factory):
+    """lm-eval's own 5-shot MMLU subject tasks on our fixture's questions, split into per-subject files."""
+    import lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path_factory.mktemp("lmeval_mmlu")
+    for subject in MMLU_SUBJECTS:
+        for split in ("test", "dev"):
+            rows = [line for line in (data_dir / f"cais/mmlu/all/{split}.jsonl").read_text().splitlines()
+                    if json.loads(line)["subject"] == subject]
+            (folder / f"{subject}_{split}.jsonl").write_text("\n".join(rows) + "\n")
+        (folder / f"p_mmlu_{subject}.yaml").write_text(
+            f"include: {lm_eval.__path__[0]}/tasks/mmlu/default/mmlu_{subject}.yaml\ntask: p_mmlu_{subject}\n"
+            f"tag: []\ndataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {folder / f'{subject}_test.jsonl'}\n    dev: {folder / f'{subject}_dev.jsonl'}\n")
+    lm = HFLM(pretrained=str(tiny_dir), dtype="float32", batch_size=4, device="cpu")
+    out = simple_evaluate(model=lm, tasks=[f"p_mmlu_{s}" for s in MMLU_SUBJECTS], num_fewshot=5,
+                          task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                          log_samples=True, limit=3)
+    return {s: sorted(out["samples"][f"p_mmlu_{s}"], key=lambda x: x["doc_id"]) for s in MMLU_SUBJECTS}
+
+
+def test_mmlu_five_shot_matches_lm_eval_per_example(tiny_dir, data_dir, lm_eval_mmlu):
+    ours = evaluate([load_task("mmlu")], HFBackend(str(tiny_dir), batch_size=4), str(data_dir), limit=6)
+    by_subject = {s: [r for k, r in enumerate(ours["samples"]["mmlu"]) if MMLU_SUBJECTS[k % 2] == s]
+                  for s in MMLU_SUBJECTS}   # the fixture alternates the two subjects
+    worst = 0.0
+    for subject in MMLU_SUBJECTS:
+        theirs = lm_eval_mmlu[subject]
+        assert len(theirs) == len(by_subject[subject]) == 3
+        for t, o in zip(theirs, by_subject[subject]):
+            lls = [r[0][0] for r in t["resps"]]
+            worst = max(worst, max(abs(a - b) for a, b in zip(lls, o["lls"], strict=True)))
+            assert t["acc"] == o["metrics"]["acc"], (subject, t["doc_id"])
+    print(f"mmlu 5-shot: max |loglikelihood difference| vs lm-eval {worst:.2e}")
+    assert worst < 1e-4

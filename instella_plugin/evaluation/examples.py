@@ -6,8 +6,9 @@ choice puts each choice in the continuation (``target_delimiter`` + choice) or, 
 ``choices_in: context`` (WinoGrande's partial scoring), each choice in the context and the rest of
 the sentence in the continuation. Shots are drawn from the few-shot split by a generator seeded with
 (seed, task, subtask, example index), so an example's prompt does not depend on ``--limit``, on the
-other examples or on the data-parallel rank; with ``fewshot_group_by`` they come from examples with
-the same value of that field (MMLU's subject). BBH's shots come from its chain-of-thought prompt file.
+other examples or on the data-parallel rank; ``fewshot_sampler: first_n`` takes the pool's first shots
+in order instead (MMLU, as lm-eval and the MMLU paper do). With ``fewshot_group_by`` shots come from
+examples with the same value of that field (MMLU's subject). BBH's shots come from its chain-of-thought prompt file.
 """
 import random
 from dataclasses import dataclass
@@ -87,8 +88,10 @@ class ShotSampler:
             group = f" with {cfg.fewshot_group_by} = {key!r}" if cfg.fewshot_group_by else ""
             raise TaskDataError(f"{self.where}: num_fewshot {cfg.num_fewshot} but the few-shot split "
                                 f"{cfg.fewshot_split!r} holds {len(candidates)} example(s){group}")
-        rng = random.Random(f"{cfg.fewshot_seed}/{cfg.name}/{self.part}/{index}")
-        picks = rng.sample(candidates, cfg.num_fewshot)
+        if cfg.fewshot_sampler == "first_n":
+            picks = candidates[:cfg.num_fewshot]
+        else:
+            picks = random.Random(f"{cfg.fewshot_seed}/{cfg.name}/{self.part}/{index}").sample(candidates, cfg.num_fewshot)
         return "".join(shot_text(cfg, self.pool[i], self.where) + cfg.fewshot_delimiter for i in picks)
 
 

@@ -11,7 +11,7 @@ import os
 from typing import List, Sequence, Tuple
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import instella_plugin.hf  # noqa: F401  (registers the Instella classes with the Auto factories)
 from instella_plugin.evaluation.backend import model_inputs, score_pairs, torch_dp_group
@@ -30,6 +30,10 @@ class HFBackend:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        rows = AutoConfig.from_pretrained(path).vocab_size
+        if len(self.tokenizer) > rows:
+            raise ValueError(f"--hf {path}: the tokenizer has {len(self.tokenizer)} ids but the model only {rows} "
+                             "embedding rows; the directory's tokenizer files do not belong to its weights")
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(self.device).eval()
         self.max_length = int(max_length or getattr(self.model.config, "max_position_embeddings", 2048))
         self.batch_size = batch_size

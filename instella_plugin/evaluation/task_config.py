@@ -67,6 +67,7 @@ class TaskConfig:
     fewshot_file: Optional[str] = None   # a prompt file holding the shots (BBH's cot-prompts), {subtask} filled
     fewshot_target: Optional[str] = None  # how a shot's answer is written (CoT: the worked solution)
     fewshot_seed: int = 1234
+    fewshot_sampler: str = "random"      # random (seeded per example) | first_n (the pool's first shots, in order)
     fewshot_group_by: Optional[str] = None  # draw shots among examples with the same value (MMLU's subject)
     subtasks: Tuple[str, ...] = ()
     generation: Generation = field(default_factory=Generation)
@@ -154,6 +155,8 @@ def _check(cfg: TaskConfig) -> None:
         _fail(src, f"num_fewshot must be an integer >= 0, got {cfg.num_fewshot!r}")
     if cfg.num_fewshot and not (cfg.fewshot_split or cfg.fewshot_file):
         _fail(src, f"num_fewshot is {cfg.num_fewshot} but neither fewshot_split nor fewshot_file is given")
+    if cfg.fewshot_sampler not in ("random", "first_n"):
+        _fail(src, f"fewshot_sampler must be 'random' or 'first_n', got {cfg.fewshot_sampler!r}")
     if cfg.answer.group_select not in ("first", "last"):
         _fail(src, f"answer.group_select must be 'first' or 'last', got {cfg.answer.group_select!r}")
     if cfg.answer.fallback not in ("none", "last_number", "text"):
