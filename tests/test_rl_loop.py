@@ -15,7 +15,7 @@ import torch
 
 from instella_plugin.rl.loop import Rollouts, token_budget_groups
 from instella_plugin.rl.prompts import load_problems, problem_order
-from instella_plugin.testing.distributed import run_distributed
+from instella_plugin.testing.distributed import free_port, run_distributed
 from instella_plugin.training.arguments import parse_args
 
 MODEL = ["--plugin", "instella", "--model-preset", "instella-test", "--num-layers", "2", "--hidden-size", "64",
@@ -210,6 +210,32 @@ def test_accuracy_rises_over_a_tiny_sft_then_grpo_run_at_tp2(tmp_path):
     assert {s["step"] for s in samples} == {1, 8, 16} and len(samples) == 3 * 64
     assert all(s["reward"] in (0.0, 1.0) for s in samples)
     assert os.path.getsize(tmp_path / "run" / "grpo_curves.png") > 0
+    # `instella eval` on both checkpoints: pass@1 over 8 fresh samples of the same problems (math checker)
+    before, after = (_eval_pass_at_1(tmp_path, tmp_path / name, prompts) for name in ("sft", "run"))
+    print(f"instella eval pass@1 (8 samples per problem): SFT start {before:.3f}, after GRPO {after:.3f}")
+    assert after > before + 0.15
+
+
+def _eval_pass_at_1(tmp_path, checkpoint, prompts) -> float:
+    import subprocess
+    import sys
+
+    data = tmp_path / "eval-data"
+    (data / "toy-add").mkdir(parents=True, exist_ok=True)
+    (data / "toy-add" / "test.jsonl").write_text(open(prompts, encoding="utf-8").read())
+    task = tmp_path / "toy-add.yaml"
+    task.write_text("name: toy-add\nversion: 1\noutput: generate\ndataset: {path: toy-add}\ntest_split: test\n"
+                    "chat: false\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{answer}}\"\n"
+                    "generation: {max_new_tokens: 8, temperature: 1.0, n: 8, seed: 99}\nchecker: math\n"
+                    "metrics: [pass@1]\n")
+    out = tmp_path / f"eval-{os.path.basename(checkpoint)}.json"
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    res = subprocess.run([sys.executable, "-m", "instella_plugin.evaluation.cli", "--load", str(checkpoint), "--tasks",
+                          str(task), "--data-dir", str(data), "--output", str(out), "--dtype", "float32"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.load(open(out))["results"]["toy-add"]["metrics"]["pass@1"]
 
 
 def _resume_worker(prompts, out):
