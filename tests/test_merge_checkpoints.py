@@ -220,7 +220,7 @@ def test_report_numbers_and_files(ckpts, tmp_path):
     for b in rep["barriers"]:
         assert b["scores"][0] == rep["inputs"][b["a"]] and b["scores"][-1] == rep["inputs"][b["b"]]
         mid = b["scores"][1] - (b["scores"][0] + b["scores"][2]) / 2
-        assert b["barrier"] == pytest.approx(max(0.0, mid)) == pytest.approx(barrier_height(b["t"], b["scores"]))
+        assert b["barrier"] == pytest.approx(mid) == pytest.approx(barrier_height(b["t"], b["scores"]))
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| ties" in md and "Interpolation barrier" in md and f"{rep['methods']['ties']['score']:.4f}" in md
     assert not [f for f in os.listdir(tmp_path) if ".work-" in f or ".tmp-" in f]

@@ -8,8 +8,8 @@ task-vector methods need), with one evaluator (``merge_eval``):
    directory, scored, and removed; greedy soup reuses the inputs' scores;
 3. for every pair of inputs, ``points`` checkpoints on the straight line between them
    (``(1 - t) A + t B``, t evenly spaced in [0, 1]) are scored. The barrier height of a pair is
-   ``max_t [loss(t) - ((1 - t) loss(0) + t loss(1))]`` (Frankle et al. 2020, linear mode connectivity):
-   near zero (or negative) when the two sit in one basin.
+   ``max_t [loss(t) - ((1 - t) loss(0) + t loss(1))]`` over the interior points (Frankle et al. 2020,
+   linear mode connectivity): near zero or negative when the two sit in one basin.
 
 Every specification is built and checked before the first evaluation. Written atomically into the
 output directory: ``report.md`` (the tables), ``report.json`` (every number), ``methods.png`` (score
@@ -74,8 +74,10 @@ def method_spec(label: str, entry: dict, inputs: Sequence[str], base: Optional[s
 
 
 def barrier_height(ts: Sequence[float], losses: Sequence[float]) -> float:
-    """max over t of the loss above the straight line between the end points."""
-    return max(l - ((1 - t) * losses[0] + t * losses[-1]) for t, l in zip(ts, losses))
+    """max over the interior points of the loss above the straight line between the end points: positive
+    for a bump between the two, negative when every interpolated point lies below the chord."""
+    excess = [l - ((1 - t) * losses[0] + t * losses[-1]) for t, l in zip(ts, losses)]
+    return max(excess[1:-1]) if len(excess) > 2 else 0.0
 
 
 def seed_soup_report(inputs: Sequence[str], out: str, evaluator: Callable[[str], float], *,
@@ -196,7 +198,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {_short(b['a'])} -> {_short(b['b'])} | " + " | ".join(f"{s:.4f}" for s in b["scores"])
                      + f" | {b['barrier']:+.4f} |")
     lines += ["", f"Best method: {report['best_method']}; best input {best:.4f}. Barrier: the largest excess of "
-              "the interpolated loss over the straight line between the end points (positive: a bump between them).",
+              "the interpolated loss over the straight line between the end points, over the interior points "
+              "(positive: a bump between them; negative: the path lies below the chord).",
               ""]
     return "\n".join(lines)
 
