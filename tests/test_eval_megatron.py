@@ -38,7 +38,7 @@ def files(tmp_path_factory):
     return hf, root / "ckpt", write_task_data(root / "data", n=8)
 
 
-def _megatron_worker(ckpt, data_dir, tp, dp1_too, pp=1):
+def _megatron_worker(ckpt, data_dir, tp, dp1_too, pp=1, hf_dir=None):
     from instella_plugin.evaluation.megatron_backend import MegatronBackend
 
     backend = MegatronBackend(str(ckpt), tp=tp, pp=pp, batch_size=3)
@@ -46,6 +46,12 @@ def _megatron_worker(ckpt, data_dir, tp, dp1_too, pp=1):
     if dp1_too:   # the same model, one rank doing every batch: the DP=1 computation
         backend.dp_rank, backend.dp_size, backend.gather = 0, 1, lambda obj: [obj]
         out["dp1"] = evaluate(_tasks(), backend, str(data_dir), limit=LIMIT)
+    if hf_dir is not None:   # the HF backend splits over the default process group the same way
+        hf = HFBackend(str(hf_dir), batch_size=3)
+        out["hf_dp"] = hf.dp_size
+        out["hf_dp2"] = evaluate(_tasks(), hf, str(data_dir), limit=LIMIT)
+        hf.dp_rank, hf.dp_size, hf.gather = 0, 1, lambda obj: [obj]
+        out["hf_dp1"] = evaluate(_tasks(), hf, str(data_dir), limit=LIMIT)
     return out
 
 
@@ -84,9 +90,10 @@ def test_megatron_pp2_equals_hf_backend(files):
 
 @pytest.mark.slow
 def test_data_parallel_ranks_give_the_dp1_numbers(files):
-    _, ckpt, data = files
-    ranks = run_distributed(_megatron_worker, 2, ckpt, data, 1, True, tp=1)
-    assert ranks[0]["dp"] == 2
+    hf, ckpt, data = files
+    ranks = run_distributed(_megatron_worker, 2, ckpt, data, 1, True, 1, hf, tp=1)
+    assert ranks[0]["dp"] == 2 and ranks[0]["hf_dp"] == 2
+    assert ranks[0]["hf_dp2"] == ranks[1]["hf_dp2"] and ranks[0]["hf_dp2"] == ranks[0]["hf_dp1"]
     assert ranks[0]["result"] == ranks[1]["result"]       # every rank holds all results
     assert ranks[0]["result"]["samples"] == ranks[0]["dp1"]["samples"]   # exactly, not within a tolerance
     assert ranks[0]["result"]["results"] == ranks[0]["dp1"]["results"]
