@@ -18,6 +18,9 @@ YaRN's attention factor enters as the softmax scale ``attention_factor ** 2 / sq
 same logits as scaling cos/sin after the (pre-RoPE) QK-norm, with the same RoPE tables for every layer
 spec and for the fused QK-norm+RoPE kernel, which only ever sees angles.
 ``hf_rope_parameters`` gives the transformers ``rope_parameters`` that compute the same tables.
+megatron-core's own ``YarnRotaryEmbedding`` is the test's second reference rather than the module the
+model runs: it moves its tables to the GPU inside ``get_emb`` (no CPU mode) and its attention factor is
+read from ``yarn_*`` attributes that only MLA's TransformerConfig declares; the frequencies are the same.
 """
 import math
 from dataclasses import asdict, dataclass
