@@ -153,6 +153,8 @@ def test_prompt_longer_than_context(ckpt, capsys):
 def test_bad_sampling_values(ckpt, capsys):
     err = _refused(capsys, "--load", str(ckpt / "ckpt"), "--prompt", "hi", "--top-p", "0")
     assert "top_p must be in (0, 1]" in err
+    err = _refused(capsys, "--load", str(ckpt / "ckpt"), "--prompt", "hi", "--stop", "")
+    assert "stop strings must be non-empty" in err
 
 
 @pytest.mark.slow

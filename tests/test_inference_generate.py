@@ -252,6 +252,10 @@ def test_stop_string_truncates(run):
     assert c.tokens == full.tokens[:len(c.tokens)] and len(c.tokens) < NEW
     assert stop not in full.text[:len(c.text) - 1]  # the earliest occurrence
     assert len(c.logprobs) == len(c.tokens)
+    from instella_plugin.data.tokenizer import load_tokenizer
+
+    shorter = load_tokenizer().decode(list(c.tokens[:-1]), skip_special_tokens=True)
+    assert stop not in shorter and len(shorter) < len(c.text)  # the fewest tokens that complete the stop
 
 
 def test_loglikelihood_equals_transformers(run, hf_model):

@@ -17,6 +17,7 @@ parallelism, which megatron's static inference runs without), and RoPE tables ca
 generating (megatron caches them by length) are dropped, so a training step after a rollout never
 meets a tensor made under ``torch.inference_mode``.
 """
+import bisect
 import contextlib
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -117,8 +118,8 @@ class MegatronGenerator:
         text = self._decode(tokens)
         hit = find_stop(text, params.stop) if params.stop else None
         if hit is not None:
-            end = hit[0]
-            n = next(k for k in range(1, len(tokens) + 1) if len(self._decode(tokens[:k])) >= end)
+            end = hit[0]  # the fewest tokens whose text reaches the stop string's end (prefix text only grows)
+            n = bisect.bisect_left(range(1, len(tokens) + 1), end, key=lambda k: len(self._decode(tokens[:k]))) + 1
             tokens, logprobs, text, reason = tokens[:n], logprobs[:n], text[:end], "stop"
         return Completion(prompt_tokens=tuple(prompt), tokens=tuple(tokens), text=text, finish_reason=reason,
                           logprobs=tuple(logprobs))
