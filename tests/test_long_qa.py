@@ -13,6 +13,7 @@ import random
 import pytest
 import yaml
 
+from instella_plugin import cli
 from instella_plugin.data.tokenizer import load_tokenizer
 from instella_plugin.inference.api import Completion
 from instella_plugin.synth.long_qa import LongQAConfig, parse_qa, split_spans, synthesise_long_qa, write_long_qa
@@ -217,3 +218,10 @@ def test_tiny_checkpoint_generates_and_long_sft_trains_on_it(tmp_path, tok):
     losses, _ = read_log(tmp_path / "sft")
     print(f"long-sft tiny on the synthesised chats (CP 2): losses {losses}")
     assert sorted(losses) == [1, 2, 3] and all(0 < v < 20 for v in losses.values())
+
+
+def test_instella_data_synth_routes_long_qa(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "synth", "long-qa", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: instella data synth long-qa" in capsys.readouterr().out

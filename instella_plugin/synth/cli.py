@@ -1,4 +1,5 @@
-"""``instella data synth gsm8k``: the GSM8K-synthetic set from seed problems and a generator.
+"""``instella data synth gsm8k``: the GSM8K-synthetic set from seed problems and a generator
+(``instella data synth long-qa``: see ``synth/long_qa_cli.py``).
 
 The generator is an OpenAI-compatible endpoint (``--endpoint URL --model NAME``) or a Megatron
 checkpoint (``--load CKPT``, megatron-core's inference engine in this process). Seeds are GSM8K train
@@ -26,11 +27,15 @@ from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint,
 from instella_plugin.synth.gsm8k import SynthConfig, load_prompts, synthesise
 from instella_plugin.synth.held_out import task_texts
 from instella_plugin.synth.sandbox import SandboxLimits
+from instella_plugin.synth import long_qa_cli
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="instella data synth", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="instella data synth", description="synthetic training data from a generator: "
+                                "gsm8k (programs re-instantiated), long-qa (questions over long documents)")
     sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    sub.add_parser("long-qa", add_help=False, help="questions about spans of long documents, asked over the whole "
+                   "document (its own options: `instella data synth long-qa --help`)")
     g = sub.add_parser("gsm8k", help="programs from GSM8K problems, re-instantiated, answers checked")
     g.add_argument("--output", required=True, help="JSONL to write (OUTPUT.summary.json gets the counts)")
     g.add_argument("--seeds", nargs="+", default=(), help="GSM8K-layout files (question, answer); default: the cache")
@@ -116,7 +121,10 @@ def _generator(args, seeds):
 
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["long-qa"]:
+        return long_qa_cli.main(argv[1:])
+    args = _parser().parse_args(argv)
     try:
         if os.path.exists(args.output) and not args.overwrite:
             raise FileExistsError(f"output {args.output} already exists; pass --overwrite to replace it")
