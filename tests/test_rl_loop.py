@@ -304,3 +304,31 @@ def test_example_launcher_prints_a_command_the_trainer_accepts(tmp_path, monkeyp
     bad = subprocess.run(["bash", os.path.join(root, "examples", "grpo.sh")], capture_output=True, text=True,
                          env=dict(env, NPROC="6", TP="1"))
     assert bad.returncode == 2 and "DP=6, which must divide the 32 prompts" in bad.stderr
+
+
+def _initial_checkpoint_worker(argv, path):
+    _save_initial(argv + ["--pretrained-checkpoint", path], path)
+
+
+@pytest.mark.slow
+def test_a_resubmitted_command_line_run_continues_with_the_same_prompts_and_rollouts(tmp_path):
+    """Across processes: a job stopped after step 1 and resubmitted samples step 2 exactly as an uninterrupted
+    job does (data position and sampling seeds follow from the checkpoint's iteration)."""
+    from instella_plugin.testing.trainer import run_trainer
+
+    prompts = _write_prompts(tmp_path / "p.jsonl")
+    init = str(tmp_path / "init")
+    base = _grpo_args(prompts, "--train-iters", 4, "--no-plot", "--grpo-samples-interval", 1, "--finetune")
+    run_distributed(_initial_checkpoint_worker, 2, base, init, tp=2)
+    base += ["--pretrained-checkpoint", init]
+    run_trainer(2, base + ["--save", tmp_path / "straight"])
+    own = tmp_path / "own"
+    run_trainer(2, base + ["--save", own, "--load", own, "--exit-interval", 1])
+    proc = run_trainer(2, base + ["--save", own, "--load", own])
+    assert "steps 1 -> 2" in proc.stdout
+
+    def step2(run):
+        rows = [json.loads(line) for line in open(tmp_path / run / "grpo_rollouts.jsonl")]
+        return [(r["prompt"], r["response"], r["reward"]) for r in rows if r["step"] == 2]
+
+    assert len(step2("straight")) == 64 and step2("own") == step2("straight")
