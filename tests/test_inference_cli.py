@@ -4,7 +4,8 @@ refusals of bad input (each before any model is built).
 The checkpoint holds a 2-layer model with the real tokenizer's vocabulary. The command streams one
 prompt's text to the terminal; a prompts file (a plain prompt, a chat, an id) gives one JSON line per
 prompt whose greedy text equals the streamed one and whose chat prompt has the chat template's tokens.
-The slow tier runs the command under torchrun at TP=2 and checks it writes the same tokens.
+The slow tier runs the command under torchrun at TP=2 and with two data-parallel replicas and
+checks they write the same tokens, and loads a checkpoint written by ``pretrain_gpt.py``.
 """
 import json
 import os
@@ -90,17 +91,19 @@ def test_stream_and_file_give_the_same_greedy_text(ckpt):
 
 
 @pytest.mark.slow
-def test_tp2_under_torchrun_writes_the_same_tokens(ckpt):
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], []], ids=["tp2", "dp2"])
+def test_two_ranks_under_torchrun_write_the_same_tokens(ckpt, layout):
+    """TP=2, and two data-parallel replicas (TP=1) splitting the prompts: the TP=1 tokens, in order."""
     if not (ckpt / "tp1.json").exists():
         pytest.fail("run test_stream_and_file_give_the_same_greedy_text first (same module)")
     _prompts_file(ckpt / "prompts.jsonl")
-    out = ckpt / "out_tp2.jsonl"
+    out = ckpt / "out_2.jsonl"
     done = _instella("--load", str(ckpt / "ckpt"), "--prompts-file", str(ckpt / "prompts.jsonl"), "--output",
-                     str(out), "--max-new-tokens", "12", "--ignore-eos", "--tensor-model-parallel-size", "2",
-                     nproc=2)
+                     str(out), "--max-new-tokens", "12", "--ignore-eos", *layout, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    got = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
-    assert got == json.loads((ckpt / "tp1.json").read_text())
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["tokens"] for g in got] == json.loads((ckpt / "tp1.json").read_text())
+    assert [g.get("id") for g in got] == ["plain", "chat", None]
 
 
 # ---- bad input: a clear message, exit code 2, nothing built -------------------------------------------------
@@ -125,9 +128,12 @@ def test_tp_not_dividing_heads(ckpt, capsys, monkeypatch):
     assert "attention heads (2) is not divisible by --tensor-model-parallel-size 3" in err
 
 
-def test_wrong_process_count(ckpt, capsys):
+def test_wrong_process_count(ckpt, capsys, monkeypatch):
     err = _refused(capsys, "--load", str(ckpt / "ckpt"), "--prompt", "hi", "--tensor-model-parallel-size", "2")
-    assert "launch exactly TP x PP = 2" in err
+    assert "1 processes for --tensor-model-parallel-size 2" in err and "a multiple of TP x PP = 2" in err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    err = _refused(capsys, "--load", str(ckpt / "ckpt"), "--prompt", "hi", "--tensor-model-parallel-size", "2")
+    assert "3 processes" in err
 
 
 def test_prompts_file_missing_or_malformed(ckpt, tmp_path, capsys):

@@ -2,9 +2,10 @@
 
 One prompt (``--prompt``) streams its tokens to the terminal; a prompts file (``--prompts-file``,
 JSONL: ``prompt`` or ``messages`` per line) writes one JSON line per prompt to ``--output`` (or
-stdout). Any TP/PP layout: launch TP x PP processes with torchrun. Input is checked before anything
-heavy is loaded: the prompts file, the checkpoint's record and the layout, then (tokenizer only) that
-every prompt plus ``--max-new-tokens`` fits the model's context.
+stdout). Any TP/PP layout: launch TP x PP processes with torchrun, or a multiple of that: the
+data-parallel replicas split the prompts (greedy results do not depend on the split). Input is
+checked before anything heavy is loaded: the prompts file, the checkpoint's record and the layout,
+then (tokenizer only) that every prompt plus ``--max-new-tokens`` fits the model's context.
 """
 import argparse
 import json
@@ -65,10 +66,7 @@ def prepare(args, loading):
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), stop_at_eos=not args.ignore_eos)
     if args.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
-    world, tp, pp = int(os.environ.get("WORLD_SIZE", "1")), args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world != tp * pp:
-        raise ValueError(f"{world} processes for --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size "
-                         f"{pp}: launch exactly TP x PP = {tp * pp} (torchrun --nproc-per-node {tp * pp})")
+    loading.check_world(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, data_parallel=True)
     items = read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
     plan = loading.checkpoint_plan(args.load, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     tok = load_tokenizer(args.tokenizer if args.tokenizer is not None else plan.tokenizer)
@@ -84,10 +82,13 @@ def prepare(args, loading):
 def _generate(args, loading, plan, tok, items, ids, params) -> int:
     import torch
 
+    from megatron.core import parallel_state
+
     device = loading.init_inference_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                     args.device)
+                                             args.device, data_parallel=True)
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     rank0 = torch.distributed.get_rank() == 0
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     t0 = time.time()
     gen = loading.load_generator(plan, tokenizer=tok, dtype=dtype, device=device, max_batch_size=args.max_batch_size)
     if rank0:
@@ -97,7 +98,13 @@ def _generate(args, loading, plan, tok, items, ids, params) -> int:
     if args.prompt is not None:
         QUIET.apply()  # no progress bar between the streamed tokens
     t0 = time.time()
-    completions = gen.generate(ids, params, on_token=stream)
+    mine = gen.generate(ids[dp_rank::dp_size], params, on_token=stream)  # data-parallel replicas split the prompts
+    if dp_size > 1:
+        shares = [None] * dp_size
+        torch.distributed.all_gather_object(shares, mine, group=parallel_state.get_data_parallel_group())
+        completions = [shares[i % dp_size][i // dp_size] for i in range(len(ids))]
+    else:
+        completions = mine
     seconds = time.time() - t0
     if rank0:
         if stream is not None:

@@ -74,8 +74,21 @@ def checkpoint_plan(load: str, tp: int = 1, pp: int = 1) -> CheckpointPlan:
                           iteration=int(meta.get("iteration", 0)), tp=tp, pp=pp, rope_scaling=scaling)
 
 
-def init_inference_parallel(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234) -> torch.device:
-    """Process group (torchrun's environment, or one local process) and megatron's parallel state."""
+def check_world(tp: int, pp: int, data_parallel: bool = False) -> int:
+    """The data-parallel size of this launch (torchrun's WORLD_SIZE) for TP x PP; refuses a count that
+    does not fit (any multiple of TP x PP with ``data_parallel``, else exactly TP x PP)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * pp) or (world != tp * pp and not data_parallel):
+        need = f"a multiple of TP x PP = {tp * pp}" if data_parallel else f"exactly TP x PP = {tp * pp}"
+        raise ValueError(f"{world} processes for --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size "
+                         f"{pp}: launch {need} (torchrun --nproc-per-node {tp * pp})")
+    return world // (tp * pp)
+
+
+def init_inference_parallel(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234,
+                            data_parallel: bool = False) -> torch.device:
+    """Process group (torchrun's environment, or one local process) and megatron's parallel state;
+    with ``data_parallel`` the ranks beyond TP x PP form data-parallel replicas."""
     use_cpu = device == "cpu" or (device == "auto" and not cpu_mode.gpu_available())
     if use_cpu:
         cpu_mode.enable(force=device == "cpu")
@@ -84,10 +97,7 @@ def init_inference_parallel(tp: int = 1, pp: int = 1, device: str = "auto", seed
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         where = torch.device("cuda", local_rank)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp * pp:
-        raise ValueError(f"{world} processes for --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size "
-                         f"{pp}: launch exactly TP x PP = {tp * pp} (torchrun --nproc-per-node {tp * pp})")
+    world = check_world(tp, pp, data_parallel) * tp * pp
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
