@@ -188,3 +188,14 @@ def _engine_tokens_worker(load, prompt, new):
 
     gen = load_generator(checkpoint_plan(load))
     return list(gen.generate([prompt], SamplingParams(max_new_tokens=new, stop_at_eos=False))[0].tokens)
+
+
+def test_chat_flag_renders_one_user_turn():
+    """``--chat`` on a plain prompt: the Instella chat template around one user turn, assistant turn open."""
+    from instella_plugin.data.tokenizer import load_tokenizer
+    from instella_plugin.inference.prompts import prompt_ids
+
+    tok = load_tokenizer()
+    ids = prompt_ids(tok, {"prompt": "Name a prime."}, chat=True)
+    assert tok.decode(ids) == "<|endoftext|><|user|>\nName a prime.\n<|assistant|>\n"
+    assert prompt_ids(tok, "Name a prime.", chat=False) == tok.encode("Name a prime.", add_special_tokens=False)
