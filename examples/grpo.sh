@@ -2,7 +2,8 @@
 # Instella-Math GRPO (recipes grpo-stage1|2|3) on one node of 8 MI300X with torchrun.
 #
 #   STAGE=1|2|3          the stage (default 1: Big-Math, 8 rollouts, 8K responses, 1200 steps)
-#   PROMPTS              JSONL/Parquet rows with "prompt" and "answer"
+#   PROMPTS              JSONL/Parquet rows with "prompt" and "answer" (`instella data convert big-math`,
+#                        deepmath-103k or deepscaler writes them)
 #   INIT_FROM            the starting model: math-sft2 for stage 1, the previous stage after; it is also
 #                        the KL reference, so it is passed again on every resubmission
 #   SAVE_DIR             checkpoints; also loaded (auto-resume at the last GRPO step)
@@ -22,10 +23,12 @@ source "$HERE/lib.sh"
 
 STAGE=${STAGE:-1}
 case $STAGE in
-  1|2|3) RECIPE=grpo-stage$STAGE ;;
+  1) RECIPE=grpo-stage1 SOURCE=big-math ;;
+  2) RECIPE=grpo-stage2 SOURCE=deepmath-103k ;;
+  3) RECIPE=grpo-stage3 SOURCE=deepscaler ;;
   *) echo "error: STAGE=$STAGE; choose 1, 2 or 3" >&2; exit 2 ;;
 esac
-PROMPTS=${PROMPTS:-/shared/instella/data/grpo/stage$STAGE.jsonl}
+PROMPTS=${PROMPTS:-/shared/instella/data/grpo/$SOURCE.jsonl}   # instella data convert $SOURCE
 INIT_FROM=${INIT_FROM:-/shared/instella/runs/math-sft2/checkpoints}
 SAVE_DIR=${SAVE_DIR:-/shared/instella/runs/$RECIPE/checkpoints}
 NPROC=${NPROC:-8}
