@@ -268,6 +268,8 @@ def test_bad_inputs_are_refused_before_reading(ckpts, tmp_path, capsys):
         assert main(["--inputs", *inputs, "--output", str(tmp_path / "out"), *extra]) == 2, extra
         assert message in capsys.readouterr().err, (extra, message)
     report = ["report", "--inputs", *inputs, "--output", str(tmp_path / "rep"), "--heldout", str(root / "heldout")]
+    assert main(report) == 2 and "holds 7 windows of 129 tokens, fewer than the 32" in capsys.readouterr().err
+    report += ["--eval-samples", "4", "--eval-seq-length", "16"]
     assert main([*report, "--methods", "median"]) == 2 and "not in" in capsys.readouterr().err
     assert main([*report, "--points", "1"]) == 2 and "at least the two end points" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "rep").exists()
