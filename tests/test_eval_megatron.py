@@ -97,3 +97,28 @@ def test_data_parallel_ranks_give_the_dp1_numbers(files):
     assert ranks[0]["result"] == ranks[1]["result"]       # every rank holds all results
     assert ranks[0]["result"]["samples"] == ranks[0]["dp1"]["samples"]   # exactly, not within a tolerance
     assert ranks[0]["result"]["results"] == ranks[0]["dp1"]["results"]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_at_tp2_writes_the_hf_numbers(files, tmp_path):
+    """`torchrun -m instella_plugin.cli eval --load CKPT --tensor-model-parallel-size 2`: the launcher's
+    environment sets up the ranks; rank 0 alone prints and writes; the JSON has the HF backend's metrics."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    hf, ckpt, data = files
+    out = tmp_path / "tp2.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "instella_plugin.cli", "eval", "--load", str(ckpt), "--tensor-model-parallel-size",
+                           "2", "--tasks", "arc_challenge,winogrande", "--data-dir", str(data), "--limit", str(LIMIT),
+                           "--output", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1 and proc.stdout.count("arc_challenge  acc_norm*") == 1
+    record = json.loads(out.read_text())
+    assert (record["model"]["backend"], record["model"]["tp"], record["model"]["dp"]) == ("megatron", 2, 1)
+    ours_hf = evaluate(_tasks()[:2], HFBackend(str(hf), batch_size=3), str(data), limit=LIMIT)
+    for task in ("arc_challenge", "winogrande"):
+        assert record["results"][task]["metrics"] == ours_hf["results"][task]["metrics"]
