@@ -4,14 +4,17 @@ Keys (INSTELLA.md): hidden_size, intermediate_size, num_hidden_layers, num_atten
 num_key_value_heads, max_position_embeddings, vocab_size (the padded 50304), rms_norm_eps,
 rope_theta, tie_word_embeddings (false), bos/eos 0, pad 1, hidden_act silu. transformers 5.24 reads
 the RoPE base from ``rope_parameters``; a legacy top-level ``rope_theta`` (the official files) is
-folded into it on load, and both are written on save so older readers find it too.
+folded into it on load, and both are written on save so older readers find it too. A
+context-extension method is a ``rope_parameters`` rope type of transformers' ``ROPE_INIT_FUNCTIONS``
+(linear, yarn, ...; what ``instella convert`` writes for ``--rope-scaling``); a rope type transformers
+does not define is refused when the config is built.
 
 This is the Hugging Face class; ``instella_plugin.model.config.InstellaConfig`` is the plugin's own
 dataclass. ``to_plugin_config`` / ``from_plugin_config`` translate between them.
 """
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 from instella_plugin.model.config import InstellaConfig as PluginConfig
 
@@ -44,6 +47,10 @@ class InstellaConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)  # folds a legacy top-level rope_theta into rope_parameters
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"config rope_parameters has rope_type {rope_type!r}, which transformers does not "
+                             f"define; use 'default' or one of {', '.join(ROPE_INIT_FUNCTIONS)}")
 
     @property
     def rope_base(self) -> float:
@@ -64,13 +71,17 @@ class InstellaConfig(PreTrainedConfig):
             rotary_base=self.rope_base, norm_epsilon=self.rms_norm_eps, preset="hf")
 
     @classmethod
-    def from_plugin_config(cls, cfg, *, rope_theta=None, max_position_embeddings=None, dtype=None):
+    def from_plugin_config(cls, cfg, *, rope_theta=None, max_position_embeddings=None, dtype=None,
+                           rope_parameters=None):
+        """``rope_parameters``: a context-extension method's (``RopeScaling.hf_rope_parameters``); default RoPE
+        at ``rope_theta`` (else the config's base) when None."""
         return cls(
             vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_query_groups, rms_norm_eps=cfg.norm_epsilon,
             max_position_embeddings=int(max_position_embeddings or cfg.seq_length),
-            rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta or cfg.rotary_base)},
+            rope_parameters=dict(rope_parameters) if rope_parameters else {
+                "rope_type": "default", "rope_theta": float(rope_theta or cfg.rotary_base)},
             architectures=["InstellaForCausalLM"], dtype=dtype)
 
 

@@ -1,12 +1,14 @@
 """Megatron dist checkpoint <-> Hugging Face directory, one tensor in memory at a time.
 
-``megatron_to_hf``: the model configuration, RoPE theta and context length come from the checkpoint's
+``megatron_to_hf``: the model configuration, RoPE theta, RoPE method (``--rope-scaling``, written as
+``rope_parameters``: ``rope_parameters.py``) and context length come from the checkpoint's
 ``instella_meta.json`` (or ``config`` for a checkpoint without one); every stored shape is checked
 against it before the output is created; tensors are read region by region (any TP/PP/VPP layout,
 no process group) and written to sharded safetensors in ``instella`` or ``olmoe`` format.
 
 ``hf_to_megatron``: an HF directory (either format) becomes a weights-only save directory
-(``iter_0000000`` + tracker) in the trainer's layout, which ``--load`` reads at any TP/PP size.
+(``iter_0000000`` + tracker) in the trainer's layout, which ``--load`` reads at any TP/PP size; a RoPE
+method in config.json is recorded in its metadata as the trainer records ``--rope-scaling``.
 
 Both write into a temp directory that replaces ``out`` only when complete (``outputs.atomic_output``).
 """
@@ -29,6 +31,7 @@ from instella_plugin.hf.safetensors_io import ShardedWriter
 from instella_plugin.hf.tokenizer_files import tokenizer_source, write_tokenizer_files
 from instella_plugin.model.config import InstellaConfig, get_preset
 from instella_plugin.model.weight_map import hf_from_megatron_shards, megatron_param_from_hf
+from instella_plugin.rope.methods import RopeScaling
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -117,6 +120,7 @@ def megatron_to_hf(src: str, out: str, *, fmt: str = "instella", dtype: Optional
     dtype = dtype or ckpt.dtype("embedding.word_embeddings.weight")
     rope = float(meta.get("rotary_base", cfg.rotary_base))
     max_positions = int(meta.get("seq_length", cfg.seq_length))
+    rope_scaling = RopeScaling.from_meta(meta.get("rope_scaling"))  # --rope-scaling the weights were trained with
     with atomic_output(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, formats.export_plan(cfg, fmt, dtype), max_shard_bytes)
         for name in param_names(cfg.num_layers):
@@ -129,7 +133,8 @@ def megatron_to_hf(src: str, out: str, *, fmt: str = "instella", dtype: Optional
             log(f"  {name}")
         files = writer.finish()
         write_json(os.path.join(tmp, "config.json"),
-                   formats.config_json(cfg, fmt, rope_theta=rope, max_positions=max_positions, dtype=dtype))
+                   formats.config_json(cfg, fmt, rope_theta=rope, max_positions=max_positions, dtype=dtype,
+                                      rope_scaling=rope_scaling))
         write_tokenizer_files(tmp, tokenizer, max_positions)
         write_json(os.path.join(tmp, RECORD), {
             "source": os.path.abspath(ckpt_dir), "iteration": meta.get("iteration"), "format": fmt,
@@ -164,7 +169,8 @@ def hf_to_megatron(src: str, out: str, *, dtype: Optional[torch.dtype] = None, o
         write_dist_checkpoint(it_dir, layout, {k: dtype for k in layout}, stacked, produce,
                               common={"iteration": iteration, "consumed_samples": 0},
                               objects=extra_state_objects(cfg.num_layers))
+        scaling = {"rope_scaling": hf.rope_scaling.to_meta()} if hf.rope_scaling.scales else {}
         publish(tmp, weights_only_meta(
-            cfg, iteration, rope=cfg.rotary_base, seq_length=cfg.seq_length,
+            cfg, iteration, rope=cfg.rotary_base, seq_length=cfg.seq_length, **scaling,
             converted_from={"path": os.path.abspath(src), "format": hf.format, "dtype": str(dtype)}))
     return out

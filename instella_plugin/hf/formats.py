@@ -16,9 +16,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from instella_plugin.hf.rope_parameters import export_fields, rope_from_config
 from instella_plugin.hf.safetensors_io import SafetensorsDir
 from instella_plugin.model.config import InstellaConfig
 from instella_plugin.model.weight_map import hf_names, hf_shapes
+from instella_plugin.rope.methods import RopeScaling
 
 FORMATS = ("instella", "olmoe")
 TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
@@ -54,14 +56,16 @@ def export_plan(cfg: InstellaConfig, fmt: str, dtype: torch.dtype) -> List[Tuple
     return plan
 
 
-def config_json(cfg: InstellaConfig, fmt: str, *, rope_theta: float, max_positions: int, dtype: torch.dtype) -> dict:
-    """config.json for ``fmt``; RoPE theta both where transformers 5.24 reads it and at the top level."""
+def config_json(cfg: InstellaConfig, fmt: str, *, rope_theta: float, max_positions: int, dtype: torch.dtype,
+                rope_scaling: Optional[RopeScaling] = None) -> dict:
+    """config.json for ``fmt``; RoPE theta both where transformers 5.24 reads it and at the top level, and a
+    context-extension method (``rope_scaling``) as the matching ``rope_parameters`` (``rope_parameters.py``)."""
     common = {
         "vocab_size": cfg.padded_vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_query_groups,
         "max_position_embeddings": int(max_positions), "rms_norm_eps": cfg.norm_epsilon,
-        "rope_theta": float(rope_theta), "rope_parameters": {"rope_type": "default", "rope_theta": float(rope_theta)},
+        **export_fields(rope_scaling or RopeScaling(), rope_theta, cfg.hidden_size // cfg.num_attention_heads),
         "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
         "initializer_range": 0.02, "use_cache": True, "dtype": str(dtype).replace("torch.", ""),
         "transformers_version": "5.24.0", **TOKEN_IDS,
@@ -85,10 +89,9 @@ def plugin_config_from_json(config: dict, where: str, tokenizer_vocab: int = 502
                                  "one-expert export converts back")
     if config.get("tie_word_embeddings", False):
         raise CheckpointMismatch(f"{where}: tie_word_embeddings is true; Instella's embedding and LM head are untied")
-    rope = config.get("rope_parameters") or {}
-    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     try:
         heads = int(config["num_attention_heads"])
+        theta, _ = rope_from_config(config, int(config["hidden_size"]) // heads, where)
         cfg = InstellaConfig(
             num_layers=int(config["num_hidden_layers"]), hidden_size=int(config["hidden_size"]),
             num_attention_heads=heads, num_query_groups=int(config.get("num_key_value_heads") or heads),
@@ -114,6 +117,8 @@ class HFCheckpoint:
             self.config = json.load(f)
         own_cfg, self.format = plugin_config_from_json(self.config, path)
         self.cfg = cfg or own_cfg
+        # the RoPE method the weights were trained with (plain RoPE unless config.json says otherwise)
+        _, self.rope_scaling = rope_from_config(self.config, own_cfg.head_dim, path)
         self.files = SafetensorsDir(path)
         self.check()
 

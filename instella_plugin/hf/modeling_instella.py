@@ -22,6 +22,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -43,13 +44,20 @@ class InstellaRMSNorm(nn.Module):
 
 
 class InstellaRotaryEmbedding(nn.Module):
-    """cos/sin tables [b, s, head_dim] in fp32 for the given positions (non-interleaved RoPE)."""
+    """cos/sin tables [b, s, head_dim] in fp32 for the given positions (non-interleaved RoPE).
+
+    ``rope_parameters["rope_type"]`` other than ``default`` (a context-extension method: linear, yarn, ...)
+    takes its inverse frequencies and attention factor from transformers' ``ROPE_INIT_FUNCTIONS``; the
+    factor multiplies cos and sin (YaRN's; 1.0 for the others, so plain RoPE is unchanged)."""
 
     def __init__(self, config: InstellaConfig):
         super().__init__()
         self.config = config
-        self.rope_type = "default"
-        inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init = (self.compute_default_rope_parameters if self.rope_type == "default"
+                else ROPE_INIT_FUNCTIONS[self.rope_type])
+        inv_freq, self.attention_scaling = init(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
         self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
@@ -60,10 +68,11 @@ class InstellaRotaryEmbedding(nn.Module):
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # rope types whose frequencies depend on the input length (dynamic, longrope)
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling  # x 1.0 is exact
 
 
 def _rotate_half(x):
