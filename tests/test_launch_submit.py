@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from instella_plugin.launch import submit
+from instella_plugin.training.arguments import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB_SBATCH = """#!/bin/sh
@@ -179,3 +180,83 @@ def test_recipe_defaults_drive_the_layout_and_seeds(tmp_path, capsys):
     assert "--data-blend stage2" in text and "--platform rocm --format export" in text
     assert "--train-iters" not in text  # the recipe's own schedule stays in charge
     assert (tmp_path / "stage2/submit/merge.sbatch").exists()
+
+
+# ---- --data-path: one data file instead of a blend (GRPO prompt files) --------------------------------
+def trainer_argv(script):
+    """The trainer's argv as the job script hands it over (entry after its script path, then TRAIN_ARGS),
+    expanded by bash itself: the TRAIN=( ... ) and TRAIN_ARGS=( ... ) arrays, with CKPT_DIR and SEED set."""
+    lines = Path(script).read_text().splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("TRAIN=("))
+    end = next(i for i in range(lines.index("TRAIN_ARGS=(", start), len(lines)) if lines[i] == ")")
+    snippet = "\n".join(['CKPT_DIR=/ckpt/run', "SEED=7", *lines[start:end + 1],
+                         'printf "%s\\0" "${TRAIN[@]:1}" "${TRAIN_ARGS[@]}"'])
+    out = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, check=True).stdout
+    return out.split("\0")[:-1]
+
+
+def submit_grpo(tmp_path, *extra, profile="mi300x-1node"):
+    return submit.main(["--recipe", "grpo-stage1", "--profile", profile, "--set", f"output_root={tmp_path}/runs",
+                        "--set", f"data_root={tmp_path}/data", *extra])
+
+
+def test_grpo_recipe_with_a_prompt_file_gives_a_command_the_trainer_accepts(tmp_path, capfd, monkeypatch):
+    """A relative --data-path is under the profile's data_root; the script passes it as the trainer's
+    --data-path (no blend, no data root) and the trainer's own parser accepts the whole command.
+    (capfd: the trainer's plugin imports megatron's inference package, whose faulthandler needs real fds.)"""
+    prompts = tmp_path / "data/grpo/big-math.jsonl"
+    prompts.parent.mkdir(parents=True)
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{a}=?", "answer": str(2 * a)}) + "\n" for a in range(4)))
+    rc = submit_grpo(tmp_path, "--data-path", "grpo/big-math.jsonl", "--init-from", str(tmp_path / "math-sft2"),
+                     "--dry-run", "--", "--grpo-rollout-batch", "16")
+    out = capfd.readouterr().out
+    assert rc == 0
+    assert "8 ranks = TP 1 x PP 1 x CP 1 x DP 8; global batch 256 = micro 1 x DP 8 x 32 accumulation" in out
+    script = tmp_path / "runs/grpo-stage1/submit/train.sbatch"
+    text = script.read_text()
+    assert f"  --instella-recipe grpo-stage1 --data-path {prompts}\n" in text
+    assert "--data-blend" not in text and "--data-root" not in text
+    assert f"recipe grpo-stage1, data {prompts}, cluster profile mi300x-1node." in text
+    record = json.loads((tmp_path / "runs/grpo-stage1/run.json").read_text())
+    assert record["data_path"] == str(prompts) and "blend" not in record and record["seeds"] == [6198]
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck"):
+        res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+
+    argv = trainer_argv(script)
+    assert argv[argv.index("--data-path") + 1] == str(prompts)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    run, plugin = parse_args(argv)
+    settings = plugin.grpo_settings(run)
+    assert run.data.kind == "grpo" and run.data.named[0] == str(prompts)
+    assert (run.flags.instella_recipe, run.flags.save, run.flags.load) == ("grpo-stage1", "/ckpt/run", "/ckpt/run")
+    assert (run.layout.tp, run.layout.dp, run.layout.global_batch_size) == (1, 8, 256)
+    assert (settings.group_size, settings.prompts_per_step, settings.rollout_batch) == (8, 128, 16)
+    assert run.flags.pretrained_checkpoint == str(tmp_path / "math-sft2") and run.flags.seed == 6198
+
+
+def test_blend_or_data_path_errors(tmp_path, slurm_stub, capsys):
+    """Neither, both, a recipe whose blend the trainer would use instead, a missing file: exit 2 with the
+    fix, nothing written or submitted. A dry run only warns about a missing file."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1+1=?", "answer": "2"}) + "\n")
+    assert submit_grpo(tmp_path) == 2
+    assert ("recipe 'grpo-stage1' names no data blend; pass --blend NAME, or --data-path PATH (for a GRPO recipe: "
+            "the JSONL/Parquet prompt file)") in capsys.readouterr().err
+    assert submit_grpo(tmp_path, "--blend", "tiny", "--data-path", str(prompts)) == 2
+    assert "--blend and --data-path are alternatives" in capsys.readouterr().err
+    assert submit.main(["--recipe", "tiny-cpu", "--profile", "local-cpu", "--data-path", str(prompts),
+                        "--set", f"output_root={tmp_path}/runs"]) == 2
+    assert ("recipe 'tiny-cpu' trains on the blend 'tiny', which the trainer uses before any --data-path"
+            in capsys.readouterr().err)
+    assert submit_grpo(tmp_path, "--data-path", "missing.jsonl") == 2
+    err = capsys.readouterr().err
+    assert f"--data-path 'missing.jsonl': prompt file {tmp_path}/data/missing.jsonl not found on this host" in err
+    assert "under the profile's data_root" in err
+    assert not (tmp_path / "runs").exists() and calls(tmp_path) == []
+    assert submit_grpo(tmp_path, "--data-path", "missing.jsonl", "--dry-run") == 0
+    assert f"warning: --data-path 'missing.jsonl': prompt file {tmp_path}/data/missing.jsonl" in capsys.readouterr().err
+    assert submit_grpo(tmp_path, "--run-name", "g", "--data-path", str(prompts)) == 0  # absolute: as given
+    assert calls(tmp_path) == [f"--parsable {tmp_path}/runs/g/submit/train.sbatch"]
+    assert f"--data-path {prompts}\n" in (tmp_path / "runs/g/submit/train.sbatch").read_text()

@@ -22,7 +22,7 @@ class JobSpec:
     run_name: str
     run_dir: str
     recipe: str
-    blend: str
+    blend: str                 # a named blend (with the profile's data_root), or None with data_path
     profile: object            # launch.profile.Profile
     layout: object             # launch.profile.Layout
     platform: str
@@ -31,6 +31,14 @@ class JobSpec:
     extra_args: list = field(default_factory=list)
     instella_home: str = None  # prepended to PYTHONPATH when the package is not installed
     entry: list = field(default_factory=lambda: ["-m", "instella_plugin.training.entry"])
+    data_path: str = None      # instead of a blend: the trainer's --data-path (a GRPO prompt file, a prefix)
+
+    def data_lines(self):
+        """The trainer's data flags: ``--data-path`` alone, or the blend and the root its prefixes are under."""
+        if self.data_path:
+            return [f"  --instella-recipe {q(self.recipe)} --data-path {q(self.data_path)}"]
+        return [f"  --instella-recipe {q(self.recipe)} --data-blend {q(self.blend)}",
+                f"  --data-root {q(self.profile.data_root)}"]
 
     @property
     def is_array(self):
@@ -69,8 +77,9 @@ def _header(spec, job_name, *, nodes, gpus, time_limit, array=None, signal=True)
 def _software(spec):
     p = spec.profile
     lines = ["# --- software environment (cluster profile: activate, python)"]
-    if p.activate:
-        lines += [line for line in str(p.activate).strip().splitlines()]
+    if p.activate:  # files it sources exist on the cluster only: shellcheck is told not to follow them
+        lines += ["# shellcheck disable=SC1090,SC1091", "{",
+                  *[f"  {line}" for line in str(p.activate).strip().splitlines()], "}"]
     lines.append(f"PYTHON=${{INSTELLA_PYTHON:-{q(p.python)}}}")
     if spec.instella_home:
         lines.append(f'export PYTHONPATH={q(spec.instella_home)}"${{PYTHONPATH:+:$PYTHONPATH}}"')
@@ -88,8 +97,9 @@ def render_train_script(spec):
     p, lay = spec.profile, spec.layout
     array = f"0-{len(spec.seeds) - 1}" if spec.is_array else None
     out = ["#!/bin/bash",
-           f"# instella training job for run {spec.run_name}: recipe {spec.recipe}, blend {spec.blend}, "
-           f"cluster profile {p.name or p.path}.",
+           f"# instella training job for run {spec.run_name}: recipe {spec.recipe}, "
+           + (f"data {spec.data_path}" if spec.data_path else f"blend {spec.blend}")
+           + f", cluster profile {p.name or p.path}.",
            f"# Layout: {lay.describe()}.",
            "# Written by `instella submit`; submitting the same run again resumes from its latest checkpoint.",
            "# Runs under sbatch, or with plain bash on one machine (instella submit --local)."]
@@ -122,8 +132,7 @@ def render_train_script(spec):
             ")",
             f"TRAIN=({' '.join(q(x) for x in spec.entry)})",
             "TRAIN_ARGS=(",
-            f"  --instella-recipe {q(spec.recipe)} --data-blend {q(spec.blend)}",
-            f"  --data-root {q(p.data_root)}",
+            *spec.data_lines(),
             '  --save "$CKPT_DIR" --load "$CKPT_DIR"',
             f"  --tensor-model-parallel-size {lay.tp} --pipeline-model-parallel-size {lay.pp}"
             f" --context-parallel-size {lay.cp}"]

@@ -1,4 +1,5 @@
-"""What a submission needs from a training recipe: parallel sizes, batch sizes, seeds and data blend.
+"""What a submission needs from a training recipe: parallel sizes, batch sizes, seeds, data blend and
+dataset type (a ``grpo`` recipe reads one prompt file instead of a blend).
 
 The recipe is read by the trainer's reader (``training.recipes``); this module picks the few values
 the launcher checks before submitting, under the launcher's short names (the trainer remains the
@@ -16,6 +17,7 @@ SHORT_NAMES = {
     "seed": "seed",
     "seeds": "seeds",
     "data_blend": "data_blend",
+    "dataset_type": "dataset_type",
 }
 
 
@@ -24,8 +26,8 @@ def available_recipes():
 
 
 def recipe_defaults(name):
-    """{tp, pp, cp, micro_batch_size, global_batch_size, train_iters, seed, seeds, data_blend} as far as
-    the recipe states them (missing keys are absent)."""
+    """{tp, pp, cp, micro_batch_size, global_batch_size, train_iters, seed, seeds, data_blend, dataset_type}
+    as far as the recipe states them (missing keys are absent)."""
     try:
         recipe = load_recipe(name)
     except RecipeError as e:

@@ -6,6 +6,12 @@ them with ``sbatch`` (or only prints what it would do with ``--dry-run``, or run
 bash with ``--local``). Several seeds make a job array plus a merge job that depends on the whole
 array succeeding (``--dependency=afterok``). Submitting the same run name again reuses its
 checkpoint directories, so the trainer resumes from the latest checkpoint.
+
+Data: a named blend (``--blend`` or the recipe's ``data_blend``; its prefixes are relative to the
+profile's ``data_root``), or one ``--data-path`` for a recipe that names no blend: a GRPO recipe's
+prompt file (JSONL/Parquet), otherwise a Megatron-LM data prefix. A relative data path is taken
+relative to the profile's ``data_root``, as blend prefixes are; it must exist on the submitting host
+(login and compute nodes share the file system), except with ``--dry-run``, which only warns.
 """
 import argparse
 import datetime
@@ -18,7 +24,7 @@ from pathlib import Path
 
 from instella_plugin.flag_types import non_negative_int, positive_int
 from instella_plugin.launch import jobscript
-from instella_plugin.launch.profile import Layout, ProfileError, check_layout, load_profile
+from instella_plugin.launch.profile import Layout, ProfileError, check_layout, expand, load_profile
 from instella_plugin.launch.recipe_defaults import available_recipes, recipe_defaults
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -29,6 +35,10 @@ def add_arguments(p):
     p.add_argument("--profile", required=True, help="cluster profile: bundled name or YAML path")
     p.add_argument("--run-name", help="run directory under the profile's output_root (default: recipe name)")
     p.add_argument("--blend", help="data blend (default: the recipe's)")
+    p.add_argument("--data-path", metavar="PATH",
+                   help="instead of a blend, for a recipe that names none: a GRPO recipe's prompt file "
+                        "(JSONL/Parquet), else a Megatron-LM data prefix; relative paths are under the "
+                        "profile's data_root")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", help="one seed, or several for a job array + merge")
     p.add_argument("--no-merge", action="store_true", help="with several seeds: submit no merge job")
     p.add_argument("--nodes", type=positive_int, help="override the profile's node count")
@@ -64,9 +74,7 @@ def plan(args):
 
     layout = check_layout(Layout(profile.nodes, profile.gpus_per_node, pick("tp", 1), pick("pp", 1),
                                  pick("cp", 1), pick("micro_batch_size"), pick("global_batch_size")))
-    blend = args.blend or defaults.get("data_blend")
-    if not blend:
-        raise ProfileError(f"recipe {args.recipe!r} names no data blend; pass --blend NAME")
+    blend, data_path = _data_source(args, defaults, profile)
     seeds = args.seeds or defaults.get("seeds") or ([defaults["seed"]] if "seed" in defaults else [])
     if len(set(seeds)) != len(seeds):
         raise ProfileError(f"--seeds {seeds} repeats a seed; each seed trains its own copy")
@@ -84,11 +92,46 @@ def plan(args):
     if home and (PACKAGE_PARENT / "pretrain_gpt.py").exists():
         entry = [str(PACKAGE_PARENT / "pretrain_gpt.py"), "--plugin", "instella"]
     spec = jobscript.JobSpec(run_name=run_name, run_dir=os.path.join(profile.output_root, run_name),
-                             recipe=args.recipe, blend=blend, profile=profile, layout=layout,
+                             recipe=args.recipe, blend=blend, data_path=data_path, profile=profile, layout=layout,
                              platform=platform, seeds=list(seeds), train_iters=args.train_iters,
                              extra_args=extra, instella_home=home, entry=entry)
     merge_dir = os.path.join(spec.run_dir, "merged") if spec.is_array and not args.no_merge else None
     return spec, merge_dir
+
+
+def _data_source(args, defaults, profile):
+    """(blend, None) or (None, absolute data path); ProfileError when neither or both are given, when the
+    recipe's own blend would override the path inside the trainer, or when the path does not exist."""
+    if args.blend and args.data_path:
+        raise ProfileError("--blend and --data-path are alternatives: pass a blend (named sources under the "
+                           "profile's data_root) or one data path (e.g. a GRPO prompt file), not both")
+    if not args.data_path:
+        blend = args.blend or defaults.get("data_blend")
+        if not blend:
+            raise ProfileError(f"recipe {args.recipe!r} names no data blend; pass --blend NAME, or --data-path PATH "
+                               "(for a GRPO recipe: the JSONL/Parquet prompt file)")
+        return blend, None
+    if defaults.get("data_blend"):
+        raise ProfileError(f"recipe {args.recipe!r} trains on the blend {defaults['data_blend']!r}, which the trainer "
+                           "uses before any --data-path; drop --data-path, or pass --blend NAME for another blend")
+    path = os.path.join(profile.data_root, expand(args.data_path))  # an absolute path stays as it is
+    grpo = defaults.get("dataset_type") == "grpo"
+    found = os.path.isfile(path) if grpo else (os.path.exists(path) or _prefix_files(path))
+    if not found:
+        what = "prompt file" if grpo else "data prefix (no PREFIX*.bin files)"
+        msg = f"--data-path {args.data_path!r}: {what} {path} not found on this host"
+        if not args.dry_run:
+            raise ProfileError(msg + "; relative paths are under the profile's data_root (--set data_root=DIR), "
+                               "or give an absolute path")
+        print(f"[instella] warning: {msg}; the job will fail unless it exists where the job runs", file=sys.stderr)
+    return None, path
+
+
+def _prefix_files(prefix):
+    """A Megatron-LM prefix exists when files PREFIX.bin or PREFIX_<part>.bin (SFT/DPO stores) do."""
+    folder, name = os.path.split(prefix)
+    return os.path.isdir(folder) and any(f == f"{name}.bin" or (f.startswith(f"{name}_") and f.endswith(".bin"))
+                                         for f in os.listdir(folder))
 
 
 def _write(path, text, mode=0o755):
@@ -161,7 +204,8 @@ def run(args):
         return 2
     train = run_dir / "submit" / ("train_seeds.sbatch" if spec.is_array else "train.sbatch")
     merge = run_dir / "submit" / "merge.sbatch" if merge_dir else None
-    record = {"run_name": spec.run_name, "recipe": spec.recipe, "blend": spec.blend, "seeds": spec.seeds,
+    data = {"data_path": spec.data_path} if spec.data_path else {"blend": spec.blend}
+    record = {"run_name": spec.run_name, "recipe": spec.recipe, **data, "seeds": spec.seeds,
               "profile": spec.profile.path, "layout": spec.layout.describe()}
     outputs = {train: (jobscript.render_train_script(spec), 0o755),
                run_dir / "run.json": (json.dumps(record, indent=1) + "\n", 0o644)}
