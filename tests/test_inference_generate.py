@@ -9,7 +9,7 @@ tokens, sampling with seeds, EOS and stop strings, log-likelihood scoring, a che
 training) model that generates and then takes a training step. The checkpoint is exported with
 ``megatron_to_hf`` and transformers' ``generate`` on our ``InstellaForCausalLM`` must give the same
 tokens, log-probabilities and scores. Loading the same checkpoint at TP=2 and at PP=2 (two gloo ranks
-each) must give the TP=1 tokens, also at TP=2 for a model set to sequence parallelism (generation
+each; TP=2 x PP=2 on four in the slow tier) must give the TP=1 tokens, also at TP=2 for a model set to sequence parallelism (generation
 runs without it and hands it back).
 """
 import copy
@@ -296,9 +296,12 @@ def test_yarn_checkpoint_equals_transformers_yarn(run):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2),
+                                    pytest.param(dict(tp=2, pp=2), marks=pytest.mark.slow)],
+                         ids=["tp2", "pp2", "tp2pp2"])
 def test_other_layouts_give_the_same_tokens(run, layout):
-    results = run_distributed(_layout_worker, 2, str(run["root"] / "mg"), **layout)
+    results = run_distributed(_layout_worker, layout.get("tp", 1) * layout.get("pp", 1), str(run["root"] / "mg"),
+                              **layout)
     want = [c.tokens for c in run["out"]["batch"]]
     for r in results:  # every rank returns the same completions
         assert r["tokens"] == want
