@@ -311,9 +311,14 @@ class InstellaPlugin(GPTPlugin):
             if run.layout.virtual_pipeline_size:
                 raise SystemExit("error: --eval-tasks runs megatron-core inference, which takes one model chunk "
                                  "per rank: drop --num-layers-per-virtual-pipeline-stage or --eval-tasks")
+            tokenizer = load_tokenizer(flags.tokenizer_model)
+            if len(tokenizer) > run.model.padded_vocab_size:
+                raise SystemExit(f"error: --eval-tasks: the tokenizer has {len(tokenizer)} ids but the model only "
+                                 f"{run.model.padded_vocab_size} embedding rows; give --tokenizer-model the model's "
+                                 "tokenizer or drop --eval-tasks")
             try:
                 self._downstream = InLoopEvaluation(flags.eval_tasks, flags.eval_tasks_data, flags.eval_tasks_limit,
-                                                    load_tokenizer(flags.tokenizer_model), run.model.seq_length,
+                                                    tokenizer, run.model.seq_length,
                                                     batch_size=max(run.layout.micro_batch_size, 4))
             except (ValueError, OSError) as e:
                 raise SystemExit(f"error: --eval-tasks: {e}")

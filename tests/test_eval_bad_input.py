@@ -125,3 +125,19 @@ def test_cli_checks_data_before_loading_a_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--hf", "x", "--data-dir", "d"])  # neither --tasks nor --suite
     assert "one of the arguments --tasks --suite is required" in capsys.readouterr().err
+
+
+def test_eval_tasks_flags_are_checked_before_training(monkeypatch, tmp_path):
+    from instella_plugin.training import arguments
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    base = ["--plugin", "instella", "--model-preset", "instella-tiny", "--mock-data", "--lr", "1e-3", "--train-iters", "4"]
+    with pytest.raises(SystemExit, match="--eval-tasks: unknown task 'nope'"):
+        arguments.parse_args(base + ["--eval-tasks", "nope", "--eval-tasks-data", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--eval-tasks needs --eval-tasks-data DIR"):
+        arguments.parse_args(base + ["--eval-tasks", "boolq"])
+    with pytest.raises(SystemExit, match=r"aps/super_glue/boolq/validation.jsonl"):
+        arguments.parse_args(base + ["--eval-tasks", "boolq", "--eval-tasks-data", str(tmp_path)])
+    small = ["instella-test" if x == "instella-tiny" else x for x in base]
+    with pytest.raises(SystemExit, match="the tokenizer has 50280 ids but the model only 512 embedding rows"):
+        arguments.parse_args(small + ["--eval-tasks", "boolq", "--eval-tasks-data", str(tmp_path)])
