@@ -75,6 +75,8 @@ def test_checkers_exact_match_and_math():
     bbh = load_task("bbh").answer
     assert CHECKERS["exact_match"]("Step one. So the answer is (B).", "(B)", bbh) == ("(B)", True)
     assert CHECKERS["exact_match"]("No idea.", "(B)", bbh)[1] is False
+    assert CHECKERS["exact_match"]("Count: 3.5 apples. So the answer is 3.5.\nQ: next", "3.5", bbh) == ("3.5", True)
+    assert CHECKERS["exact_match"]("So the answer is valid", "valid", bbh) == ("valid", True)
     assert CHECKERS["math"]("<think>hmm</think> so \\boxed{\\frac{1}{2}}", "0.5", GSM)[1] is True
     assert CHECKERS["math"]("\\boxed{3}", "4", GSM)[1] is False
 
