@@ -237,8 +237,9 @@ def test_grpo_recipe_with_a_prompt_file_gives_a_command_the_trainer_accepts(tmp_
 
 
 def test_blend_or_data_path_errors(tmp_path, slurm_stub, capsys):
-    """Neither, both, a recipe whose blend the trainer would use instead, a missing file: exit 2 with the
-    fix, nothing written or submitted. A dry run only warns about a missing file."""
+    """Neither, both, a recipe whose blend the trainer would use instead, a missing file, GRPO groups that
+    do not split over the data-parallel ranks: exit 2 with the fix, nothing written or submitted. A dry run
+    only warns about a missing file."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "1+1=?", "answer": "2"}) + "\n")
     assert submit_grpo(tmp_path) == 2
@@ -257,6 +258,18 @@ def test_blend_or_data_path_errors(tmp_path, slurm_stub, capsys):
     assert not (tmp_path / "runs").exists() and calls(tmp_path) == []
     assert submit_grpo(tmp_path, "--data-path", "missing.jsonl", "--dry-run") == 0
     assert f"warning: --data-path 'missing.jsonl': prompt file {tmp_path}/data/missing.jsonl" in capsys.readouterr().err
+    assert submit_grpo(tmp_path, "--run-name", "big", "--data-path", str(prompts), "--dry-run",
+                       profile="mi300x-16node") == 2
+    assert ("GRPO: a mini-batch of 32 prompts (global batch 256 / group size 8) does not split over 128 data-parallel "
+            "ranks (each rank keeps whole groups); use --nodes 4") in capsys.readouterr().err
+    assert submit_grpo(tmp_path, "--run-name", "big", "--data-path", str(prompts), "--dry-run", "--",
+                       "--grpo-group-size", "4", profile="mi300x-16node") == 2  # the trainer flag counts
+    assert ("a mini-batch of 64 prompts (global batch 256 / group size 4) does not split over 128 data-parallel "
+            "ranks (each rank keeps whole groups); use --nodes 8") in capsys.readouterr().err
+    assert not (tmp_path / "runs/big").exists()
+    assert submit_grpo(tmp_path, "--run-name", "g4", "--data-path", str(prompts), "--dry-run", "--nodes", "4",
+                       profile="mi300x-16node") == 0  # the official 4 x 8 MI300X: one prompt a rank per update
+    assert "32 ranks = TP 1 x PP 1 x CP 1 x DP 32;" in capsys.readouterr().out
     assert submit_grpo(tmp_path, "--run-name", "g", "--data-path", str(prompts)) == 0  # absolute: as given
     assert calls(tmp_path) == [f"--parsable {tmp_path}/runs/g/submit/train.sbatch"]
     assert f"--data-path {prompts}\n" in (tmp_path / "runs/g/submit/train.sbatch").read_text()

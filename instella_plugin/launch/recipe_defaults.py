@@ -18,6 +18,7 @@ SHORT_NAMES = {
     "seeds": "seeds",
     "data_blend": "data_blend",
     "dataset_type": "dataset_type",
+    "grpo_group_size": "grpo_group_size",
 }
 
 
@@ -26,8 +27,8 @@ def available_recipes():
 
 
 def recipe_defaults(name):
-    """{tp, pp, cp, micro_batch_size, global_batch_size, train_iters, seed, seeds, data_blend, dataset_type}
-    as far as the recipe states them (missing keys are absent)."""
+    """{tp, pp, cp, micro_batch_size, global_batch_size, train_iters, seed, seeds, data_blend, dataset_type,
+    grpo_group_size} as far as the recipe states them (missing keys are absent)."""
     try:
         recipe = load_recipe(name)
     except RecipeError as e:

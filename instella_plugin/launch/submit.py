@@ -75,6 +75,8 @@ def plan(args):
     layout = check_layout(Layout(profile.nodes, profile.gpus_per_node, pick("tp", 1), pick("pp", 1),
                                  pick("cp", 1), pick("micro_batch_size"), pick("global_batch_size")))
     blend, data_path = _data_source(args, defaults, profile)
+    if defaults.get("dataset_type") == "grpo":
+        _check_grpo_split(layout, defaults, args.trainer_args or [])
     seeds = args.seeds or defaults.get("seeds") or ([defaults["seed"]] if "seed" in defaults else [])
     if len(set(seeds)) != len(seeds):
         raise ProfileError(f"--seeds {seeds} repeats a seed; each seed trains its own copy")
@@ -125,6 +127,25 @@ def _data_source(args, defaults, profile):
                                "or give an absolute path")
         print(f"[instella] warning: {msg}; the job will fail unless it exists where the job runs", file=sys.stderr)
     return None, path
+
+
+def _check_grpo_split(layout, defaults, trainer_args):
+    """The trainer's rule (rl/settings.py), checked before a job waits in the queue: a GRPO optimizer update
+    takes global-batch / group-size prompts, and every data-parallel rank keeps whole groups."""
+    group = defaults.get("grpo_group_size")
+    if "--grpo-group-size" in trainer_args[:-1]:
+        value = trainer_args[trainer_args.index("--grpo-group-size") + 1]
+        group = int(value) if value.isdigit() else group  # anything else: the trainer's parser says what is wrong
+    if not group or not layout.global_batch_size:
+        return
+    prompts = layout.global_batch_size // group
+    if prompts % layout.dp:
+        per_node = layout.dp // layout.nodes
+        fits = [n for n in range(layout.nodes, 0, -1) if prompts % (n * per_node) == 0]
+        hint = f"--nodes {fits[0]}" if fits else "a larger --tp"
+        raise ProfileError(f"GRPO: a mini-batch of {prompts} prompts (global batch {layout.global_batch_size} / "
+                           f"group size {group}) does not split over {layout.dp} data-parallel ranks (each rank keeps "
+                           f"whole groups); use {hint}")
 
 
 def _prefix_files(prefix):
