@@ -78,8 +78,8 @@ def _software(spec):
     p = spec.profile
     lines = ["# --- software environment (cluster profile: activate, python)"]
     if p.activate:  # files it sources exist on the cluster only: shellcheck is told not to follow them
-        lines += ["# shellcheck disable=SC1090,SC1091", "{",
-                  *[f"  {line}" for line in str(p.activate).strip().splitlines()], "}"]
+        # (the lines go in unchanged, not indented: a here-document's terminator must stay at column 0)
+        lines += ["# shellcheck disable=SC1090,SC1091", "{", *str(p.activate).strip().splitlines(), "}"]
     lines.append(f"PYTHON=${{INSTELLA_PYTHON:-{q(p.python)}}}")
     if spec.instella_home:
         lines.append(f'export PYTHONPATH={q(spec.instella_home)}"${{PYTHONPATH:+:$PYTHONPATH}}"')
