@@ -132,15 +132,16 @@ def kth_largest_abs(x: torch.Tensor, k: int) -> float:
     return torch.tensor([prefix], dtype=torch.int32).view(torch.float32).item()
 
 
-def trim_(delta: torch.Tensor, density: float) -> torch.Tensor:
+def trim_(delta: torch.Tensor, density: float, thr: Optional[float] = None) -> Optional[float]:
     """Zero, in place, every element below the k-th largest magnitude (``k = max(1, int(density numel))``).
-    Elements tied with the k-th are all kept."""
+    Elements tied with the k-th are all kept. Returns the threshold (``thr``: one found before)."""
     if density >= 1:
-        return delta
-    thr = kth_largest_abs(delta, max(1, int(density * delta.numel())))
+        return None
+    if thr is None:
+        thr = kth_largest_abs(delta, max(1, int(density * delta.numel())))
     for c in _chunks(delta):
         c.masked_fill_(c.abs() < thr, 0.0)
-    return delta
+    return thr
 
 
 def dare_(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: str) -> torch.Tensor:
@@ -167,27 +168,30 @@ def dare_(delta: torch.Tensor, density: float, generator: torch.Generator, resca
     return delta
 
 
-def _deltas(plan: TensorPlan, name: str, read: Read, base: torch.Tensor):
-    """Yield (i, w_i * sparsified task vector of input i) in input order; same values on every call."""
+def _deltas(plan: TensorPlan, name: str, read: Read, base: torch.Tensor, thresholds: dict):
+    """Yield (i, w_i * sparsified task vector of input i) in input order; same values on every call
+    (``thresholds``: TIES' trim thresholds, found on the first pass and reused on the second)."""
     gen = torch.Generator().manual_seed(tensor_seed(plan.seed, name)) if plan.method == "dare" else None
     for i, w in enumerate(plan.weights):
         d = fp32(read(i)).sub_(base)
         if plan.method == "ties":
-            trim_(d, plan.density[i])
+            thresholds[i] = trim_(d, plan.density[i], thresholds.get(i))
         elif plan.method == "dare":
             dare_(d, plan.density[i], gen, plan.rescale)
         if w != 1.0:
             d.mul_(w)
         yield i, d
+        del d  # before the next input is read: one task vector in memory, not two
 
 
 def task_vectors(plan: TensorPlan, name: str, read: Read, read_base: Callable[[], torch.Tensor]) -> torch.Tensor:
     """TIES or DARE (linear or TIES combination) of one tensor against the base; fp32."""
     base = fp32(read_base())  # never changed in place
     consensus = plan.method == "ties" or plan.combine == "ties"
+    thresholds = {}
     if not consensus:  # one pass: base + lambda * sum w_i d_i [/ sum w_i]
         merged = torch.zeros_like(base)
-        for _, d in _deltas(plan, name, read, base):
+        for _, d in _deltas(plan, name, read, base, thresholds):
             merged.add_(d)
             del d
         total = sum(plan.weights)
@@ -196,7 +200,7 @@ def task_vectors(plan: TensorPlan, name: str, read: Read, read_base: Callable[[]
     else:
         # pass 1: the elected sign of sum_i w_i d_i (>= 0 counts as +)
         divisor = torch.zeros_like(base)
-        for _, d in _deltas(plan, name, read, base):
+        for _, d in _deltas(plan, name, read, base, thresholds):
             divisor.add_(d)
             del d
         # the divisor buffer carries the elected sign in its sign bit: +0.0 for +, -0.0 for - (then it
@@ -205,7 +209,7 @@ def task_vectors(plan: TensorPlan, name: str, read: Read, read_base: Callable[[]
             c.copy_(torch.where(c >= 0, 0.0, -0.0))
         # pass 2: disjoint mean over the inputs whose sign agrees with the elected one
         merged = torch.zeros_like(base)
-        for i, d in _deltas(plan, name, read, base):
+        for i, d in _deltas(plan, name, read, base, thresholds):
             for m, dv, x in zip(_chunks(merged), _chunks(divisor), _chunks(d)):
                 negative = torch.signbit(dv)
                 agree = torch.where(negative, x < 0, x > 0)
