@@ -83,9 +83,12 @@ def test_config_json_carries_the_method(exported, name, factor):
 
 
 @pytest.mark.dist
-def test_hf_models_give_the_megatron_logits(exported):
+def test_hf_models_give_the_megatron_logits(exported, tmp_path):
     import instella_plugin.hf  # noqa: F401  (registers the instella classes)
     from transformers import AutoModelForCausalLM, OlmoeForCausalLM
+
+    from instella_plugin.checkpoint_layout import read_meta
+    from instella_plugin.hf.convert import hf_to_megatron
 
     root, tokens = exported["root"], exported["tokens"]
     load = dict(attn_implementation="eager", dtype=torch.float32)
@@ -98,6 +101,10 @@ def test_hf_models_give_the_megatron_logits(exported):
         rot = inst.model.rotary_emb
         assert torch.allclose(rot.inv_freq, scaling.inv_freq(CFG.rotary_base, CFG.head_dim), rtol=1e-6, atol=0)
         assert rot.attention_scaling == pytest.approx(scaling.attention_factor, rel=1e-12)
+        # what transformers saves (a model fine-tuned there) converts back with the method
+        inst.save_pretrained(str(tmp_path / name))
+        hf_to_megatron(str(tmp_path / name), str(tmp_path / f"mg_{name}"))
+        assert read_meta(str(tmp_path / f"mg_{name}"))["rope_scaling"] == scaling.to_meta()
         with torch.no_grad():
             errs = {m: (model(input_ids=tokens).logits - want).abs().max().item()
                     for m, model in (("instella", inst), ("olmoe", olmoe))}
@@ -174,3 +181,22 @@ def test_unknown_rope_type_refused_by_the_hf_config():
     plain = InstellaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     assert plain.rope_parameters["rope_type"] == "default" and not hasattr(plain, "instella_rope_scaling")
     assert math.isclose(plain.rope_base, 10000.0)
+
+
+@pytest.mark.dist
+def test_a_malformed_method_record_in_the_checkpoint_is_refused(exported, tmp_path, capsys):
+    from instella_plugin.checkpoint_layout import META, resolve_checkpoint_dir
+    from instella_plugin.hf import convert_cli
+
+    src = tmp_path / "mg"
+    shutil.copytree(exported["root"] / "mg_yarn", src)
+    meta_path = f"{resolve_checkpoint_dir(str(src))}/{META}"
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    meta["rope_scaling"] = {**meta["rope_scaling"], "beta_medium": 4.0}
+    with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    assert convert_cli.main(["--to", "hf", "--input", str(src), "--output", str(tmp_path / "hf")]) != 0
+    err = capsys.readouterr().err
+    assert "rope_scaling" in err and "beta_medium" in err and "not a RoPE method record" in err, err
+    assert not (tmp_path / "hf").exists()

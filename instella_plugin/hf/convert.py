@@ -120,7 +120,11 @@ def megatron_to_hf(src: str, out: str, *, fmt: str = "instella", dtype: Optional
     dtype = dtype or ckpt.dtype("embedding.word_embeddings.weight")
     rope = float(meta.get("rotary_base", cfg.rotary_base))
     max_positions = int(meta.get("seq_length", cfg.seq_length))
-    rope_scaling = RopeScaling.from_meta(meta.get("rope_scaling"))  # --rope-scaling the weights were trained with
+    try:  # the --rope-scaling the weights were trained with
+        rope_scaling = RopeScaling.from_meta(meta.get("rope_scaling"))
+    except TypeError as e:
+        raise CheckpointMismatch(f"{ckpt_dir}: {META} rope_scaling {meta.get('rope_scaling')!r} is not a RoPE "
+                                 f"method record ({e}); fix or remove it") from e
     with atomic_output(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, formats.export_plan(cfg, fmt, dtype), max_shard_bytes)
         for name in param_names(cfg.num_layers):
