@@ -103,11 +103,11 @@ def rope_from_config(config: dict, head_dim: int, where: str) -> Tuple[float, Ro
         record = dict(record)
         theta = float(record.pop("rope_theta"))
         scaling = RopeScaling.from_meta(record)
+    except RopeParametersError:
+        raise
     except RopeScalingError as e:
         raise RopeParametersError(f"{where}: config.json RoPE settings: {e}") from e
     except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, RopeParametersError):
-            raise
         raise RopeParametersError(f"{where}: config.json {RECORD_KEY} is malformed ({e!r}); it holds the RoPE "
                                   "method's fields (method, factor, original_context, beta_fast, beta_slow) and "
                                   "rope_theta") from e
