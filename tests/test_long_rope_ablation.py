@@ -38,21 +38,23 @@ def test_table_and_plot_from_run_folders(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.timeout(2400)  # 13 launches (one short model; per method: extend, retrieve, retention)
+@pytest.mark.timeout(1800)  # 7 launches (one short model; per method: extend, retrieve, retention); two methods
+# here (the law and YaRN): each method alone is covered by test_long_rope.py, the script runs all four
 def test_tiny_ablation_end_to_end(tmp_path):
-    env = dict(os.environ, TINY="1", WORK=str(tmp_path), PYTHON=os.path.join(REPO, ".venv", "bin", "python")
-               if os.path.exists(os.path.join(REPO, ".venv", "bin", "python")) else "python3")
+    venv_python = os.path.join(REPO, ".venv", "bin", "python")
+    env = dict(os.environ, TINY="1", WORK=str(tmp_path), METHODS="base-law yarn",
+               PYTHON=venv_python if os.path.exists(venv_python) else "python3")
     proc = subprocess.run(["bash", os.path.join(REPO, "examples", "rope_ablation.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("RoPE method ablation"):]
     print(table)
     rows = json.loads((tmp_path / "rope_ablation.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["base-law", "linear", "ntk", "yarn"]
+    assert [r["method"] for r in rows] == ["base-law", "yarn"]
     assert all(r["short_loss"] is not None and 0 < r["short_loss"] < 15 for r in rows)
     assert all(0.0 <= r["niah"] <= 1.0 for r in rows)
     # each method really ran as itself: the checkpoints record it, and base-law's theta is the law's
     metas = {m: json.loads((tmp_path / m / "iter_0000006" / "instella_meta.json").read_text()) for m in
-             ("base-law", "linear", "ntk", "yarn")}
+             ("base-law", "yarn")}
     assert metas["yarn"]["rope_scaling"]["method"] == "yarn" and metas["yarn"]["rope_scaling"]["factor"] == 4.0
-    assert metas["linear"]["rope_theta"] == 10000.0 and round(metas["base-law"]["rope_theta"]) > 10000
+    assert metas["yarn"]["rope_theta"] == 10000.0 and round(metas["base-law"]["rope_theta"]) > 10000
