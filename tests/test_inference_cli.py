@@ -63,19 +63,25 @@ def _prompts_file(path):
     return rows
 
 
-def test_stream_and_file_give_the_same_greedy_text(ckpt):
+@pytest.fixture(scope="module")
+def tp1_file_run(ckpt):
+    """The prompts file at TP=1 (one process): its JSON lines, the reference of every other layout."""
+    rows = _prompts_file(ckpt / "prompts.jsonl")
+    out = ckpt / "out.jsonl"
+    done = _instella("--load", str(ckpt / "ckpt"), "--prompts-file", str(ckpt / "prompts.jsonl"), "--output",
+                     str(out), "--max-new-tokens", "12", "--ignore-eos", "--logprobs")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return rows, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_stream_and_file_give_the_same_greedy_text(ckpt, tp1_file_run):
     from instella_plugin.data.tokenizer import load_tokenizer
 
     streamed = _instella("--load", str(ckpt / "ckpt"), "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos")
     assert streamed.returncode == 0, streamed.stderr[-3000:]
     assert "finished by: length" in streamed.stderr and "12 tokens" in streamed.stderr
     assert "static requests" not in streamed.stderr  # megatron's progress bar is off while streaming
-    rows = _prompts_file(ckpt / "prompts.jsonl")
-    out = ckpt / "out.jsonl"
-    done = _instella("--load", str(ckpt / "ckpt"), "--prompts-file", str(ckpt / "prompts.jsonl"), "--output",
-                     str(out), "--max-new-tokens", "12", "--ignore-eos", "--logprobs")
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = [json.loads(line) for line in out.read_text().splitlines()]
+    rows, got = tp1_file_run
     assert [g.get("id") for g in got] == ["plain", "chat", None] and len(got) == len(rows)
     assert streamed.stdout == got[0]["completion"] + "\n"
     tok = load_tokenizer()
@@ -87,22 +93,19 @@ def test_stream_and_file_give_the_same_greedy_text(ckpt):
         assert len(g["tokens"]) == 12 == len(g["logprobs"]) and g["finish_reason"] == "length"
         assert g["completion"] == tok.decode(g["tokens"], skip_special_tokens=True)
     assert got[0]["completion"] != got[2]["completion"]
-    (ckpt / "tp1.json").write_text(json.dumps([g["tokens"] for g in got]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], []], ids=["tp2", "dp2"])
-def test_two_ranks_under_torchrun_write_the_same_tokens(ckpt, layout):
+def test_two_ranks_under_torchrun_write_the_same_tokens(ckpt, tp1_file_run, layout):
     """TP=2, and two data-parallel replicas (TP=1) splitting the prompts: the TP=1 tokens, in order."""
-    if not (ckpt / "tp1.json").exists():
-        pytest.fail("run test_stream_and_file_give_the_same_greedy_text first (same module)")
-    _prompts_file(ckpt / "prompts.jsonl")
-    out = ckpt / "out_2.jsonl"
+    _, reference = tp1_file_run
+    out = ckpt / f"out_{layout[-1] if layout else 'dp'}2.jsonl"
     done = _instella("--load", str(ckpt / "ckpt"), "--prompts-file", str(ckpt / "prompts.jsonl"), "--output",
                      str(out), "--max-new-tokens", "12", "--ignore-eos", *layout, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [g["tokens"] for g in got] == json.loads((ckpt / "tp1.json").read_text())
+    assert [g["tokens"] for g in got] == [g["tokens"] for g in reference]
     assert [g.get("id") for g in got] == ["plain", "chat", None]
 
 
