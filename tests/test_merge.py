@@ -166,3 +166,33 @@ def test_merge_refuses_existing_output_unless_overwrite(inputs, tmp_path):
     merge(paths, str(out), overwrite=True)
     assert len(json.loads((out / "instella_merge.json").read_text())["inputs"]) == 3
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f or ".old-" in f]
+
+
+def test_megatron_merge_keeps_one_rope_method_and_refuses_two(inputs, tmp_path):
+    from instella_plugin.hf.convert import hf_to_megatron
+    from instella_plugin.hf.merge import merge
+    from instella_plugin.rope.methods import RopeScaling
+    from instella_plugin.training.checkpointing import read_meta
+
+    _, sets = inputs
+    mg = []
+    for i, (path, _) in enumerate(sets["bf16"][:2]):
+        hf_to_megatron(path, str(tmp_path / f"mg{i}"))
+        mg.append(str(tmp_path / f"mg{i}"))
+    yarn = RopeScaling(method="yarn", factor=2.0, original_context=CFG.seq_length // 2).to_meta()
+
+    def record(path, scaling):
+        for folder, _, files in os.walk(path):
+            if "instella_meta.json" in files:
+                meta_path = os.path.join(folder, "instella_meta.json")
+                meta = json.load(open(meta_path))
+                meta["rope_scaling"] = scaling
+                json.dump(meta, open(meta_path, "w"))
+
+    record(mg[0], yarn)
+    with pytest.raises(Exception, match="RoPE scaling.*only checkpoints of one RoPE method"):
+        merge(mg, str(tmp_path / "mixed"))
+    assert not (tmp_path / "mixed").exists()
+    record(mg[1], yarn)
+    merge(mg, str(tmp_path / "merged"))
+    assert read_meta(str(tmp_path / "merged"))["rope_scaling"] == yarn

@@ -162,6 +162,7 @@ def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False, record_ext
     check_architectures(cfgs, _labels(spec))
     cks = [o[3] for o in opened]
     metas = [o[1] for o in opened][:spec.n]
+    check_rope_methods([o[1] for o in opened], _labels(spec))
     base = cks[spec.n] if spec.base else None
     cfg = cfgs[0]
     dtype = dtype or cks[0].dtype("embedding.word_embeddings.weight")
@@ -198,12 +199,22 @@ def merge_megatron(spec: MergeSpec, out, dtype=None, overwrite=False, record_ext
         write_dist_checkpoint(it_dir, layout, {k: dtype for k in layout}, stacked, produce,
                               common={"iteration": iteration, "consumed_samples": 0},
                               objects={k: cks[0].read_object(k) for k in cks[0].objects})
-        inherited = {k: metas[0][k] for k in ("spec", "tokenizer") if k in metas[0]}
+        inherited = {k: metas[0][k] for k in ("spec", "tokenizer", "rope_scaling") if k in metas[0]}
         meta = weights_only_meta(cfg, iteration, rope=float(metas[0].get("rotary_base", cfg.rotary_base)),
                                  seq_length=int(metas[0].get("seq_length", cfg.seq_length)), merge=record, **inherited)
         write_json(os.path.join(tmp, RECORD), record)
         publish(tmp, meta)
     return out
+
+
+def check_rope_methods(metas, paths) -> None:
+    """Checkpoints extended with different RoPE methods (``rope_scaling`` in their metadata) are different
+    models at long context: refused, like a different architecture."""
+    ref = metas[0].get("rope_scaling")
+    for meta, path in zip(metas[1:], paths[1:]):
+        if meta.get("rope_scaling") != ref:
+            raise CheckpointMismatch(f"{path} was trained with RoPE scaling {meta.get('rope_scaling')!r} and {paths[0]} "
+                                     f"with {ref!r}; only checkpoints of one RoPE method can be merged")
 
 
 def checkpoint_kind(paths: Sequence[str], labels: Optional[Sequence[str]] = None) -> str:
