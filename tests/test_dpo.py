@@ -102,7 +102,8 @@ def test_dpo_loss_and_gradients_match_transformers_reference():
         assert res[1][k]["loss"] == got["loss"]  # both TP ranks report the same loss
 
 
-# ---- pretrain_gpt.py ---------------------------------------------------------------------------------
+# ---- pretrain_gpt.py (slow tier: three runs of the trainer end to end) -------------------------------------
+@pytest.mark.slow
 def test_dpo_trains_resumes_exactly_and_needs_its_reference_on_resume(tmp_path):
     from instella_plugin.data.demo_corpus import build_demo_corpus
 

@@ -1,5 +1,5 @@
 """The Megatron backend: a converted checkpoint scores like the Hugging Face directory it came from,
-at TP=2 (and PP=2, slow tier), and data-parallel ranks split the work without changing a single number.
+at TP=2 and PP=2, and data-parallel ranks split the work without changing a single number (all in the slow tier).
 
 The tiny model of ``test_eval_parity`` is converted with ``hf_to_megatron``; two gloo ranks load it
 with the evaluation's Megatron backend (megatron-core inference) at TP=2 and must give the HF
@@ -68,6 +68,7 @@ def _compare(a, b, tol):
     return worst
 
 
+@pytest.mark.slow
 def test_megatron_tp2_equals_hf_backend(files):
     hf, ckpt, data = files
     ours_hf = evaluate(_tasks(), HFBackend(str(hf), batch_size=3), str(data), limit=LIMIT)
