@@ -13,7 +13,7 @@ import pytest
 from instella_plugin.inference.api import Completion, SamplingParams
 from instella_plugin.synth.decontaminate import NgramIndex, normalise
 from instella_plugin.synth.cli import main  # imports megatron-core's inference (its faulthandler needs the real stderr)
-from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint, Retrying
+from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint, Retrying, check_one_process
 from instella_plugin.synth.gsm8k import SynthConfig, final_answer, synthesise
 from instella_plugin.synth.sandbox import SandboxLimits, run_program
 
@@ -319,3 +319,17 @@ def test_generated_parameters_must_be_finite_numbers():
         assert new["one"] == 1 and new["zero"] == 0 and isinstance(new["n"], int) and 6 <= new["n"] <= 24
         assert -12 <= new["neg"] <= -3 and new["frac"] in (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.8, 0.9)
         assert 1.2 <= new["price"] <= 5.0 and round(new["price"], 1) == new["price"]
+
+
+def test_endpoint_key_and_one_process_refusals(monkeypatch):
+    monkeypatch.delenv("SYNTH_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match="--api-key-env SYNTH_TEST_KEY: that environment variable is not set"):
+        OpenAIEndpoint.from_flags("http://localhost:1/v1", "m", api_key_env="SYNTH_TEST_KEY", chat=False, timeout_s=1)
+    monkeypatch.setenv("SYNTH_TEST_KEY", "secret")
+    assert OpenAIEndpoint.from_flags("http://h/v1/", "m", api_key_env="SYNTH_TEST_KEY", chat=True,
+                                     timeout_s=1).api_key == "secret"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="long-qa with --load runs in one process.*--endpoint"):
+        check_one_process("long-qa")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_one_process("long-qa")

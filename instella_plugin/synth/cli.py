@@ -23,7 +23,7 @@ from instella_plugin.data.tokenizer import load_tokenizer
 from instella_plugin.inference.loading import checkpoint_plan, check_tokenizer, init_inference_parallel, load_generator
 from instella_plugin.inference.prompts import check_fits, prompt_ids
 from instella_plugin.synth.decontaminate import NgramIndex
-from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint, Retrying
+from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint, Retrying, check_one_process
 from instella_plugin.synth.gsm8k import SynthConfig, load_prompts, synthesise
 from instella_plugin.synth.held_out import task_texts
 from instella_plugin.synth.sandbox import SandboxLimits
@@ -98,14 +98,10 @@ def _test_index(args) -> NgramIndex:
 
 def _generator(args, seeds):
     if args.endpoint:
-        key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        if args.api_key_env and not key:
-            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
-        gen = OpenAIEndpoint(args.endpoint, args.model, api_key=key, chat=args.chat, timeout_s=args.timeout)
+        gen = OpenAIEndpoint.from_flags(args.endpoint, args.model, api_key_env=args.api_key_env, chat=args.chat,
+                                        timeout_s=args.timeout)
     else:
-        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-            raise ValueError("synthesis with --load runs in one process; serve a larger model behind an "
-                             "OpenAI-compatible endpoint and use --endpoint")
+        check_one_process("synthesis")
         plan = checkpoint_plan(args.load)
         tok = load_tokenizer(plan.tokenizer)
         check_tokenizer(plan, tok)

@@ -13,6 +13,7 @@ a malformed answer) are raised at once.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -40,6 +41,15 @@ class OpenAIEndpoint:
     def __init__(self, base_url: str, model: str, api_key: Optional[str] = None, chat: bool = False,
                  timeout_s: float = 120.0):
         self.base_url, self.model, self.api_key, self.chat, self.timeout_s = base_url.rstrip("/"), model, api_key, chat, timeout_s
+
+    @classmethod
+    def from_flags(cls, base_url: str, model: str, *, api_key_env: Optional[str], chat: bool,
+                   timeout_s: float) -> "OpenAIEndpoint":
+        """The endpoint the synthesis commands' flags name; the API key read from ``api_key_env``."""
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not key:
+            raise ValueError(f"--api-key-env {api_key_env}: that environment variable is not set")
+        return cls(base_url, model, api_key=key, chat=chat, timeout_s=timeout_s)
 
     def describe(self) -> str:
         return f"openai-endpoint {self.base_url} model {self.model}"
@@ -81,6 +91,13 @@ class OpenAIEndpoint:
             finish = {"stop": "stop", "length": "length"}.get(choice.get("finish_reason"), "stop")
             out.append(Completion(prompt_tokens=(), tokens=(), text=text or "", finish_reason=finish))
         return out
+
+
+def check_one_process(command: str) -> None:
+    """Generating from a Megatron checkpoint inside a synthesis command runs in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ValueError(f"{command} with --load runs in one process; serve a larger model behind an "
+                         "OpenAI-compatible endpoint and use --endpoint")
 
 
 class Retrying:

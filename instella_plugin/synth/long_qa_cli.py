@@ -20,7 +20,7 @@ import sys
 from instella_plugin.data.readers import BadRecord, read_documents, resolve_inputs
 from instella_plugin.flag_types import positive_int
 from instella_plugin.inference.loading import checkpoint_plan, init_inference_parallel, load_generator
-from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint, Retrying
+from instella_plugin.synth.endpoint import GeneratorUnavailable, OpenAIEndpoint, Retrying, check_one_process
 from instella_plugin.synth.long_qa import KINDS, LongQAConfig, write_long_qa
 
 
@@ -59,14 +59,10 @@ def _documents(files, key):
 
 def _generator(args):
     if args.endpoint:
-        key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        if args.api_key_env and not key:
-            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
-        gen = OpenAIEndpoint(args.endpoint, args.model, api_key=key, chat=args.chat, timeout_s=args.timeout)
+        gen = OpenAIEndpoint.from_flags(args.endpoint, args.model, api_key_env=args.api_key_env, chat=args.chat,
+                                        timeout_s=args.timeout)
     else:
-        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-            raise ValueError("long-qa with --load runs in one process; serve a larger model behind an "
-                             "OpenAI-compatible endpoint and use --endpoint")
+        check_one_process("long-qa")
         plan = checkpoint_plan(args.load)
         if args.span_tokens[1] + args.max_new_tokens + 128 > plan.seq_length:
             raise ValueError(f"spans of up to {args.span_tokens[1]} tokens plus --max-new-tokens "
