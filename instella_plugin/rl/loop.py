@@ -36,6 +36,7 @@ from instella_plugin.rl.reward import math_reward
 from instella_plugin.rl.sampler import LiveModelSampler
 from instella_plugin.rl.settings import GRPOSettings
 from instella_plugin.training import dpo
+from instella_plugin.training.loop import stop_reason
 from instella_plugin.training.signals import ExitSignalHandler
 from instella_plugin.training.trainer import Trainer
 
@@ -54,23 +55,6 @@ def check_layout(run) -> None:
 
 def sampling_seed(seed: int, step: int, dp_rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + dp_rank * 104_729) % (2 ** 31 - 1)
-
-
-def exit_reason(flags, step: int, start_time: float, handler) -> Optional[str]:
-    """Why to stop after this step (``--exit-interval`` in GRPO steps, ``--exit-duration-in-mins``, a signal
-    under ``--exit-signal-handler``), agreed by every rank; None to go on."""
-    if flags.exit_interval and step % flags.exit_interval == 0:
-        return f"--exit-interval {flags.exit_interval}"
-    stop = torch.zeros(2)
-    if flags.exit_duration_in_mins and (time.time() - start_time) / 60 > flags.exit_duration_in_mins:
-        stop[0] = 1
-    if handler is not None and handler.signals_received():
-        stop[1] = 1
-    if torch.distributed.is_initialized() and (flags.exit_duration_in_mins or handler is not None):
-        torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-    if stop[0]:
-        return f"--exit-duration-in-mins {flags.exit_duration_in_mins}"
-    return "exit signal received" if stop[1] else None
 
 
 def token_budget_groups(lengths: List[int], budget: int) -> List[List[int]]:
@@ -238,7 +222,7 @@ def grpo(run, plugin, settings: GRPOSettings, reward_fn: Callable[[str, str], fl
                                 for c, a, r in zip(completions, answers, rewards)])
         if flags.save and flags.save_interval and step % flags.save_interval == 0:
             trainer.save()
-        reason = exit_reason(flags, step, start_time, handler)
+        reason = stop_reason(flags, step, start_time, handler)
         if reason:
             if report:
                 print(f"exiting at GRPO step {step}: {reason}", flush=True)

@@ -5,6 +5,7 @@ save and exit checks (``--eval-interval``, ``--save-interval``, ``--exit-interva
 ``--exit-duration-in-mins``, ``--exit-signal-handler``). The end of a run is always evaluated and saved.
 """
 import time
+from typing import Optional
 
 import torch
 
@@ -48,7 +49,7 @@ def pretrain(run, plugin) -> dict:
             evaluate()
         if flags.save and flags.save_interval and it % flags.save_interval == 0:
             trainer.save()
-        exit_reason = _exit_reason(flags, it, start_time, handler)
+        exit_reason = stop_reason(flags, it, start_time, handler)
         if exit_reason:
             break
 
@@ -62,8 +63,10 @@ def pretrain(run, plugin) -> dict:
     return {"iteration": trainer.iteration, "losses": losses}
 
 
-def _exit_reason(flags, iteration, start_time, handler):
-    if flags.exit_interval and iteration % flags.exit_interval == 0:
+def stop_reason(flags, step: int, start_time: float, handler) -> Optional[str]:
+    """Why to stop after this step (``--exit-interval`` in the loop's own steps, ``--exit-duration-in-mins``,
+    a signal under ``--exit-signal-handler``), agreed by every rank; None to go on. Outer loops (GRPO) use it too."""
+    if flags.exit_interval and step % flags.exit_interval == 0:
         return f"--exit-interval {flags.exit_interval}"
     stop = torch.zeros(2)
     if flags.exit_duration_in_mins and (time.time() - start_time) / 60 > flags.exit_duration_in_mins:
@@ -74,6 +77,4 @@ def _exit_reason(flags, iteration, start_time, handler):
         torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
     if stop[0]:
         return f"--exit-duration-in-mins {flags.exit_duration_in_mins}"
-    if stop[1]:
-        return "exit signal received"
-    return None
+    return "exit signal received" if stop[1] else None
