@@ -1,5 +1,4 @@
 """The primary score of each task for several runs, as grouped bars (PNG, written atomically)."""
-import os
 from typing import List
 
 import matplotlib
@@ -8,6 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from instella_plugin.evaluation.results import primary_scores  # noqa: E402
+from instella_plugin.training.progress import save_figure  # noqa: E402
 
 
 def plot_scores(names: List[str], records: List[dict], path: str) -> None:
@@ -25,7 +25,4 @@ def plot_scores(names: List[str], records: List[dict], path: str) -> None:
     ax.set_ylabel("primary metric (%)")
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=None)

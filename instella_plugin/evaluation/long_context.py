@@ -28,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from instella_plugin.inference.api import SamplingParams, TextGenerator  # noqa: E402
+from instella_plugin.training.progress import save_figure  # noqa: E402
 
 NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 VARIANTS = ("single", "multikey")
@@ -219,10 +220,7 @@ def plot_heatmap(record: dict, path: str, title: Optional[str] = None) -> str:
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     ax.set_title(title or f"{record['task']}: {100 * record['accuracy']:.1f}% overall")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=None)
     return path
 
 

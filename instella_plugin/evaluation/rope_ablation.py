@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from instella_plugin.evaluation.long_context import write_results  # noqa: E402
 from instella_plugin.evaluation.results import primary_scores, read_results  # noqa: E402
 from instella_plugin.rope.methods import METHODS  # noqa: E402
+from instella_plugin.training.progress import save_figure  # noqa: E402
 
 
 def _last_eval_loss(log_path: str) -> Optional[float]:
@@ -88,10 +89,7 @@ def plot(rows: List[Dict], path: str) -> str:
     b.set_ylabel("validation loss")
     b.set_title("retention at the original context")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=None)
     return path
 
 

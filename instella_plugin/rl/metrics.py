@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import torch
 
+from instella_plugin.training.progress import save_figure
+
 
 @dataclass
 class StepTotals:
@@ -133,10 +135,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path, dpi=100)
     return png_path
 
 

@@ -5,12 +5,12 @@ re-instantiated, decontaminated, agreed, kept); right, the rejection reasons, la
 """
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from instella_plugin.training.progress import save_figure  # noqa: E402
 
 STAGES = ("seeds", "abstracted", "verified", "reinstantiated", "decontaminated", "agreed", "kept")
 LABELS = ("seeds", "abstracted (seeds)", "verified (seeds)", "re-instantiated (problems)",
@@ -33,8 +33,5 @@ def plot_summary(summary: dict, path: str, title: str = "GSM8K-synthetic") -> st
         right.set_yticks(range(len(reasons)), [r for r, _ in reasons], fontsize=8)
     right.set_title("rejected, by reason")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
     return path

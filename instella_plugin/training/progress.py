@@ -10,6 +10,16 @@ import torch
 PEAK_TFLOPS = {"MI300X": 1307.0, "MI325X": 1307.0, "MI250X": 383.0, "H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
+def save_figure(fig, path: str, dpi=100) -> None:
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def device_peak_tflops() -> Optional[float]:
     if not torch.cuda.is_available():
         return None
@@ -163,10 +173,7 @@ def plot_loss(jsonl_path: str, png_path: str) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path, dpi=100)
     return png_path
 
 
@@ -194,10 +201,7 @@ def plot_eval_scores(jsonl_path: str, png_path: str) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path, dpi=100)
     return png_path
 
 
