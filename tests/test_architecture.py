@@ -55,6 +55,8 @@ LAZY_AT_EDGE = {
     "instella_plugin.hf.convert_cli": "the converter imports torch.distributed.checkpoint (and sympy, +1 s); "
                                       "`instella convert --help` does not need it",
     "instella_plugin.hf.merge_cli": "the same for `instella merge --help`",
+    "instella_plugin.evaluation.cli": "the backends import torch, transformers and megatron-core (seconds); "
+                                      "`instella eval --help` does not need them",
     "instella_plugin.inference.cli": "checking a checkpoint and building the generator import megatron-core; "
                                      "`instella generate --help` does not need it",
 }

@@ -6,6 +6,9 @@ import pytest
 from instella_plugin.evaluation import cli
 from instella_plugin.evaluation.examples import build_examples
 from instella_plugin.evaluation.hf_backend import HFBackend
+# megatron-core's inference package calls faulthandler.enable() on import, which fails under capsys:
+# import it here, as the CLI does lazily.
+from instella_plugin.evaluation import megatron_backend  # noqa: F401
 from instella_plugin.evaluation.runner import ContextTooLong, build_requests
 from instella_plugin.evaluation.task_config import TaskDefinitionError, load_task, resolve_tasks, task_from_dict
 from instella_plugin.evaluation.task_data import TaskDataError

@@ -15,16 +15,10 @@ import os
 import sys
 import time
 
-import torch
+# Each action imports what it runs (torch, the backends, megatron-core: seconds), so that
+# `instella eval --help` and a refused flag answer at once.
 
-from instella_plugin.evaluation import long_context_cli
-from instella_plugin.evaluation import results as R
-from instella_plugin.evaluation.compare import plot_scores
-from instella_plugin.evaluation.fetch import fetch
-from instella_plugin.evaluation.hf_backend import DTYPES, HFBackend
-from instella_plugin.evaluation.megatron_backend import MegatronBackend
-from instella_plugin.evaluation.runner import evaluate, prepare
-from instella_plugin.evaluation.task_config import cap_new_tokens, resolve_tasks
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generation tasks' max_new_tokens (dry runs; recorded in the JSON)")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="--load: TP to run at")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="--load: PP to run at")
 
@@ -51,6 +46,8 @@ def _task_arguments(p):
 
 
 def _distributed() -> None:
+    import torch
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
@@ -58,6 +55,14 @@ def _distributed() -> None:
 
 
 def run(args) -> int:
+    import torch
+
+    from instella_plugin.evaluation import results as R
+    from instella_plugin.evaluation.runner import evaluate, prepare
+    from instella_plugin.evaluation.task_config import cap_new_tokens, resolve_tasks
+
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     tasks = resolve_tasks(args.tasks, args.suite)
@@ -67,9 +72,13 @@ def run(args) -> int:
         tasks = [cap_new_tokens(t, args.max_new_tokens) for t in tasks]
     prepared = prepare(tasks, args.data_dir, args.limit)
     if args.hf:
+        from instella_plugin.evaluation.hf_backend import HFBackend
+
         _distributed()
         backend = HFBackend(args.hf, dtype=args.dtype, batch_size=args.batch_size)
     else:
+        from instella_plugin.evaluation.megatron_backend import MegatronBackend
+
         backend = MegatronBackend(args.load, tp=args.tensor_model_parallel_size,
                                   pp=args.pipeline_model_parallel_size, dtype=args.dtype,
                                   batch_size=args.batch_size)
@@ -91,11 +100,16 @@ def run(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["niah"]:  # needle in a haystack over lengths x depths (long_context_cli)
+        from instella_plugin.evaluation import long_context_cli
+
         return long_context_cli.main(argv[1:])
     if argv[:1] == ["fetch"]:
         p = argparse.ArgumentParser(prog="instella eval fetch", description="download task data once (network)")
         _task_arguments(p)
         args = p.parse_args(argv[1:])
+        from instella_plugin.evaluation.fetch import fetch
+        from instella_plugin.evaluation.task_config import resolve_tasks
+
         fetch(resolve_tasks(args.tasks, args.suite), args.data_dir)
         return 0
     if argv[:1] == ["compare"]:
@@ -103,10 +117,14 @@ def main(argv=None) -> int:
         p.add_argument("runs", nargs="+", help="results JSON files of `instella eval --output`")
         p.add_argument("--plot", default=None, help="PNG of the primary scores per task")
         args = p.parse_args(argv[1:])
+        from instella_plugin.evaluation import results as R
+
         records = [R.read_results(path) for path in args.runs]
         names = [os.path.splitext(os.path.basename(path))[0] for path in args.runs]
         print(R.compare_table(names, records))
         if args.plot:
+            from instella_plugin.evaluation.compare import plot_scores
+
             plot_scores(names, records, args.plot)
             print(f"wrote {args.plot}")
         return 0

@@ -30,6 +30,9 @@
 #               bf16, batch 1 and 16, tokens/s and ratio
 #   eval-throughput bench/bench_eval.py: multiple-choice scoring examples/s, our evaluator (HF and
 #               Megatron backends) vs lm-eval's HF backend on the same examples, instella-1b bf16
+#   grpo        bench/bench_grpo.py: a GRPO smoke run (two steps of the outer loop on instella-1b, rollouts
+#               from megatron-core's engine on the live policy) and its rollout tokens/s vs transformers'
+#               generate on the same weights, with the step's rollout/scoring/update split
 #   kernels     tests/gpu/check_kernels.py (builds and checks the fused kernels), if present
 #   train fused the tiny preset at TP=1 again with --spec instella-fused (fails unless the kernels
 #               run natively)
@@ -57,7 +60,7 @@ while [[ $# -gt 0 ]]; do
     --no-kernels) KERNELS=0 ;;
     --budget) BUDGET="$2"; shift ;;
     --steps) STEPS="$2"; shift ;;
-    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | grep '^#'; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -190,6 +193,15 @@ elif [[ $DRY -eq 1 ]]; then
 elif (( NGPU >= 1 )); then
   check eval-throughput 300 60 "$PY" bench/bench_eval.py --preset instella-1b --dtype bfloat16 --examples 1000 \
     --batch-size 32 --megatron --out "$WORK/eval.json"
+fi
+
+# GRPO smoke: two steps of the outer loop (rollouts, reward, advantages, policy and reference log-probs,
+# update) on one GPU, and the rollout tokens/s against transformers' generate (printed, not asserted).
+if [[ $DRY -eq 1 ]]; then
+  check grpo 240 30 "$PY" bench/bench_grpo.py --device cpu --prompts 2 --n 2 --new 8 --no-save
+elif (( NGPU >= 1 )); then
+  check grpo 300 60 "$PY" bench/bench_grpo.py --device cuda --preset instella-1b --prompts 16 --n 8 --new 256 \
+    --no-save
 fi
 
 if [[ ! -f tests/gpu/check_kernels.py ]]; then
