@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import torch
 
+from instella_plugin.training.collectives import all_reduce_host
 from instella_plugin.training.progress import save_figure
 
 
@@ -38,9 +39,8 @@ class StepTotals:
         names = [f.name for f in fields(self) if f.name != "response_max"]
         sums = torch.tensor([getattr(self, n) for n in names], dtype=torch.float64)
         top = torch.tensor([self.response_max], dtype=torch.float64)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums, group=group)
-            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+        sums = all_reduce_host(sums, group=group)
+        top = all_reduce_host(top, op=torch.distributed.ReduceOp.MAX, group=group)
         return StepTotals(**dict(zip(names, sums.tolist())), response_max=float(top))
 
     def record(self) -> dict:

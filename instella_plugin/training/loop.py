@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from instella_plugin.training.collectives import all_reduce_host
 from instella_plugin.training.datasets import dataset_sizes
 from instella_plugin.training.progress import Progress
 from instella_plugin.training.signals import ExitSignalHandler
@@ -74,7 +75,7 @@ def stop_reason(flags, step: int, start_time: float, handler) -> Optional[str]:
     if handler is not None and handler.signals_received():
         stop[1] = 1
     if torch.distributed.is_initialized() and (flags.exit_duration_in_mins or handler is not None):
-        torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        stop = all_reduce_host(stop, op=torch.distributed.ReduceOp.MAX)
     if stop[0]:
         return f"--exit-duration-in-mins {flags.exit_duration_in_mins}"
     return "exit signal received" if stop[1] else None

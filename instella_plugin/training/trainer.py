@@ -19,6 +19,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from instella_plugin.training import checkpointing
+from instella_plugin.training.collectives import all_reduce_host, broadcast_host
 from instella_plugin.training.datasets import microbatches
 from instella_plugin.training.forward_step import run_forward_backward
 from instella_plugin.training.model_setup import describe, wrap_ddp
@@ -35,9 +36,7 @@ def reduce_loss(reports, group) -> torch.Tensor:
     total = torch.zeros(2, dtype=torch.float64)
     for r in reports:
         total += r["lm loss"].double().cpu()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total, group=group)
-    return total
+    return all_reduce_host(total, group=group)
 
 
 class Trainer:
@@ -132,7 +131,7 @@ class Trainer:
             m.train()
         loss = torch.tensor([total[0] / max(total[1], 1)], dtype=torch.float64)
         if torch.distributed.is_initialized():  # the last pipeline stage has it; share with every rank
-            torch.distributed.broadcast(loss, src=torch.distributed.get_world_size() - 1)
+            loss = broadcast_host(loss, src=torch.distributed.get_world_size() - 1)
         return float(loss.item())
 
     # ---- checkpoints -------------------------------------------------------------------------------
