@@ -107,4 +107,5 @@ def test_gpu_script_dry_run_passes_on_the_cpu():
     summary = [ln for ln in res.stdout.splitlines() if ln.startswith(("PASS", "FAIL", "SKIP"))]
     assert res.returncode == 0 and not any(ln.startswith("FAIL") for ln in summary), res.stdout[-4000:]
     passed = {ln.split("  ")[1].strip() for ln in summary if ln.startswith("PASS")}
-    assert {"cpu-mode", "spec-parity", "train test tp1", "train test tp2", "train test fused tp1"} <= passed, summary
+    assert {"cpu-mode", "spec-parity", "train test tp1", "train test tp2", "train test fused tp1", "output-loss",
+            "generate", "grpo"} <= passed, summary

@@ -216,7 +216,9 @@ fi
 
 # The tiny preset again with the fused kernels that the kernels check has just built (the install
 # step skips them): tokens/s side by side with the run above.
-if [[ $DRY -eq 1 ]] || (( NGPU >= 1 )); then
+if [[ $KERNELS -eq 0 && $DRY -eq 0 ]]; then
+  record SKIP "train ${PRESETS[0]#instella-} fused tp1" "--no-kernels: the fused GPU kernels were not built"
+elif [[ $DRY -eq 1 ]] || (( NGPU >= 1 )); then
   check "train ${PRESETS[0]#instella-} fused tp1" 180 60 "$PY" tests/gpu/gpu_checks.py train --preset "${PRESETS[0]}" \
     --tp 1 --steps "$STEPS" --spec instella-fused --timeout 180 "${DRYFLAG[@]}"
 fi
