@@ -3,16 +3,34 @@
 #include <math.h>
 #include <omp.h>
 
+#include <type_traits>
+
 #include "cpu_common.h"
 #include "instella_kernels/math.h"
 #include "kernels.h"
+#include "sigmoid.h"
 #include "stream.h"
 
 namespace instella {
 namespace cpu {
 namespace {
 
-// Rows [r0, r1); stream: write y with streaming stores (stream.h).
+// sigmoid(to_acc(g[i])), i < m, into s; the widened gate into gw where T is not float (else gw = g).
+// fp32 math (fp32 and bf16 tensors) takes the explicit vector sigmoid of the level (sigmoid.h).
+template <class T, class Tag>
+INSTELLA_INLINE const float* gate_sigmoid(Tag isa, const T* g, float* gw, float* s, int64_t m) {
+  const float* gp = reinterpret_cast<const float*>(g);
+  if constexpr (!std::is_same<T, float>::value) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) gw[j] = to_acc(g[j]);
+    gp = gw;
+  }
+  sigmoid_block(isa, gp, s, m);
+  return gp;
+}
+
+// Rows [r0, r1); stream: write y with streaming stores (stream.h). Each row goes in blocks of kStage
+// values: the block's sigmoids first (in an L1 buffer), then the elementwise rest.
 template <class T, class Tag>
 INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, T* y, int64_t f, int64_t r0,
                               int64_t r1) {
@@ -20,10 +38,21 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, T* y
   for (int64_t r = r0; r < r1; ++r) {
     const T* g = x + r * xs;
     const T* u = g + f;
-    write_out(isa, stream, y + r * f, f, [&](int64_t i) {
-      const A gv = to_acc(g[i]);
-      return from_acc<T>(gv * sigmoid_acc(gv) * to_acc(u[i]));
-    });
+    if constexpr (std::is_same<A, double>::value) {
+      write_out(isa, stream, y + r * f, f, [&](int64_t i) {
+        const A gv = to_acc(g[i]);
+        return from_acc<T>(gv * sigmoid_acc(gv) * to_acc(u[i]));
+      });
+    } else {
+      for (int64_t i0 = 0; i0 < f; i0 += kStage) {
+        const int64_t m = f - i0 < kStage ? f - i0 : kStage;
+        alignas(64) float gw[kStage];
+        alignas(64) float s[kStage];
+        const float* gp = gate_sigmoid(isa, g + i0, gw, s, m);
+        const T* ub = u + i0;
+        write_out(isa, stream, y + r * f + i0, m, [&](int64_t j) { return from_acc<T>(gp[j] * s[j] * to_acc(ub[j])); });
+      }
+    }
   }
   if (stream) stream_fence();
 }
@@ -32,19 +61,36 @@ template <class T, class Tag>
 INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, int64_t dys, const T* x, int64_t xs, T* dx,
                               int64_t f, int64_t r0, int64_t r1) {
   using A = typename Acc<T>::type;
+  // dg = dy u silu'(g) and du = dy silu(g), from gv, its sigmoid sv, uv and dyv.
+  auto grads = [](A gv, A sv, A uv, A dyv, T& dgi, T& dui) {
+    const A silu = gv * sv;
+    const A dsilu = sv * (A(1) + gv * (A(1) - sv));
+    dgi = from_acc<T>(dyv * uv * dsilu);
+    dui = from_acc<T>(dyv * silu);
+  };
   for (int64_t r = r0; r < r1; ++r) {
     const T* g = x + r * xs;
     const T* u = g + f;
     const T* gy = dy + r * dys;
     T* dg = dx + r * 2 * f;
-    write_out2(isa, stream, dg, dg + f, f, [&](int64_t i, T& dgi, T& dui) {
-      const A gv = to_acc(g[i]), uv = to_acc(u[i]), dyv = to_acc(gy[i]);
-      const A s = sigmoid_acc(gv);
-      const A silu = gv * s;
-      const A dsilu = s * (A(1) + gv * (A(1) - s));
-      dgi = from_acc<T>(dyv * uv * dsilu);
-      dui = from_acc<T>(dyv * silu);
-    });
+    if constexpr (std::is_same<A, double>::value) {
+      write_out2(isa, stream, dg, dg + f, f, [&](int64_t i, T& dgi, T& dui) {
+        const A gv = to_acc(g[i]);
+        grads(gv, sigmoid_acc(gv), to_acc(u[i]), to_acc(gy[i]), dgi, dui);
+      });
+    } else {
+      for (int64_t i0 = 0; i0 < f; i0 += kStage) {
+        const int64_t m = f - i0 < kStage ? f - i0 : kStage;
+        alignas(64) float gw[kStage];
+        alignas(64) float s[kStage];
+        const float* gp = gate_sigmoid(isa, g + i0, gw, s, m);
+        const T* ub = u + i0;
+        const T* gyb = gy + i0;
+        write_out2(isa, stream, dg + i0, dg + f + i0, m, [&](int64_t j, T& dgi, T& dui) {
+          grads(gp[j], s[j], to_acc(ub[j]), to_acc(gyb[j]), dgi, dui);
+        });
+      }
+    }
   }
   if (stream) stream_fence();
 }
