@@ -5,7 +5,11 @@ Both run the same weights (random, norms 1 + 0.1 N(0,1)) in one process, greedy 
 same prompts (random ids, lengths spread over [prompt/2, prompt]) and ``--new`` tokens each, at
 batch 1 and 16 (``--batches``). Our side is ``MegatronGenerator`` on a megatron GPTModel built
 through the ``instella`` spec (TP=1); theirs is our ``InstellaForCausalLM`` (transformers classes,
-``attn_implementation="sdpa"``). Each measurement is the best of ``--repeats`` after one warm-up.
+``attn_implementation="sdpa"``). Each measurement is the best of ``--repeats`` rounds after one warm-up, the two sides taking turns.
+On the CPU both sides run with ``--threads`` torch threads (default 1: on a machine shared with other
+jobs, two or more threads wait on each other's cores and single ops take up to 1000x longer, which
+drowns the comparison; give the core count on a machine of your own); the row records the thread
+count and the load average before and after (``os.getloadavg``).
 Printed: tokens/s of both and the ratio (ours / transformers); the greedy tokens of both are
 compared (in fp32 a difference fails the run; in bf16 the two kernel orders may round apart). The
 last line is ``RESULT PASS|FAIL ...`` for the GPU check script. Results are appended to ``--out``
@@ -36,6 +40,7 @@ from instella_plugin.hf.formats import config_json  # noqa: E402
 from instella_plugin.inference.api import SamplingParams  # noqa: E402
 from instella_plugin.inference.engine import MegatronGenerator  # noqa: E402
 from instella_plugin.inference.loading import init_inference_parallel  # noqa: E402
+from instella_plugin.inference.patches import QUIET  # noqa: E402
 from instella_plugin.model.build import build_gpt_chunks  # noqa: E402
 from instella_plugin.model.config import get_preset  # noqa: E402
 from instella_plugin.model.weight_map import load_hf_into_model  # noqa: E402
@@ -67,16 +72,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def best_time(fn, repeats, device):
-    fn()  # warm-up
-    best = float("inf")
+def best_times(fns, repeats, device):
+    """Best wall time of each function over ``repeats`` rounds after one warm-up round; each round runs
+    them one after the other, so a change in the machine's load falls on both. (times, last outputs)"""
+    outs = [fn() for fn in fns]  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for i, fn in enumerate(fns):
+            sync(device)
+            t = time.perf_counter()
+            outs[i] = fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best, outs
 
 
 def hf_generate(hf, prompts, new, pad_id=1, temperature=0.0):
@@ -105,10 +113,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (tokens compared); > 0: sampling")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU: torch threads for both sides (default 1, see above; 0: torch's default)")
     p.add_argument("--out", default=os.path.join(RESULTS, "generate.json"), help="results JSON (appended)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     device = init_inference_parallel(1, 1, args.device)
+    QUIET.apply(["static_engine_progress_bar"])  # one progress bar per timed call would bury the figures
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     cfg, model, hf = build(args.preset, dtype, device)
     from instella_plugin.data.tokenizer import load_tokenizer
@@ -119,21 +132,23 @@ def main(argv=None) -> int:
         lengths = torch.randint(max(1, args.prompt // 2), args.prompt + 1, (batch,), generator=g).tolist()
         prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
         gen = MegatronGenerator(model, load_tokenizer(), max_batch_size=batch)
+        load_before = os.getloadavg()[0]
         params = SamplingParams(max_new_tokens=args.new, temperature=args.temperature, stop_at_eos=False)
-        ours_s, ours = best_time(lambda: gen.generate(prompts, params), args.repeats, device)
-        theirs_s, theirs = best_time(lambda: hf_generate(hf, prompts, args.new, temperature=args.temperature),
-                                     args.repeats, device)
+        (ours_s, theirs_s), (ours, theirs) = best_times(
+            [lambda: gen.generate(prompts, params),
+             lambda: hf_generate(hf, prompts, args.new, temperature=args.temperature)], args.repeats, device)
         same = sum(list(c.tokens) == t for c, t in zip(ours, theirs)) if not args.temperature else batch
         tokens = batch * args.new
         row = dict(preset=args.preset, dtype=args.dtype, device=str(device.type), batch=batch, prompt=args.prompt,
                    temperature=args.temperature,
                    new=args.new, megatron_tokens_per_s=tokens / ours_s, transformers_tokens_per_s=tokens / theirs_s,
-                   ratio=theirs_s / ours_s, same_greedy=f"{same}/{batch}", host=platform.node(),
+                   ratio=theirs_s / ours_s, same_greedy=f"{same}/{batch}", threads=torch.get_num_threads(),
+                   load_avg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)], host=platform.node(),
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"))
         rows.append(row)
         print(f"batch {batch:3d}: megatron {row['megatron_tokens_per_s']:9.1f} tok/s   transformers "
               f"{row['transformers_tokens_per_s']:9.1f} tok/s   ratio {row['ratio']:.2f}x   "
-              f"same greedy tokens {same}/{batch}", flush=True)
+              f"same greedy tokens {same}/{batch}   (threads {row['threads']}, load {row['load_avg_1min']})", flush=True)
     if not args.no_save:
         save(rows, args.out)
     # fp32 must give transformers' greedy tokens; in bf16 the two kernel orders may round apart
@@ -165,7 +180,8 @@ def save(rows, path):
     ax.bar([i + 0.2 for i in x], [r["transformers_tokens_per_s"] for r in rows], 0.4, label="transformers generate")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"greedy generation, {rows[0]['preset']} {rows[0]['dtype']} on {rows[0]['device']}")
+    mode = "greedy" if not rows[0].get("temperature") else f"sampled (T={rows[0]['temperature']})"
+    ax.set_title(f"{mode} generation, {rows[0]['preset']} {rows[0]['dtype']} on {rows[0]['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.splitext(path)[0] + ".png", dpi=120)

@@ -258,6 +258,24 @@ def enable(force: bool = False) -> None:
     log.info("CPU mode on: megatron-core runs on the CPU with gloo (see instella_plugin.cpu_mode)")
 
 
+@contextlib.contextmanager
+def function_mode_suspended():
+    """Run a block without the function mode (the registry's patches stay): for hot loops known to make no
+    CUDA device requests, such as a generator's forward steps, where the mode's Python hook on every torch
+    call costs a few microseconds each. A no-op when the mode is off or another mode sits above it."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    stack = _get_current_function_mode_stack() if _ENABLED else []
+    if not stack or stack[-1] is not _MODE:
+        yield
+        return
+    _MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _MODE.__enter__()
+
+
 def enable_if_no_gpu() -> bool:
     """Turn the CPU mode on when torch sees no GPU. Returns whether it is on. Changes nothing on a GPU."""
     if not gpu_available():

@@ -89,6 +89,7 @@ def _tp1_worker(cfg, hf, save_dir):
     gen.controller.sample_from_logits = original
     InstellaDotProductAttention._attend_all = attend_all
     out["decode_attention_calls"] = len(decode_calls)  # the Instella attention's cached-decode path ran
+    out["hot_path"] = _hot_path(gen, prompts(), 6)
     full = _full_forward_logits(gen.model, p + list(c.tokens))
     out["kv_error"] = max((seen[i][0] - full[len(p) - 1 + i]).abs().max().item() for i in range(12))
     out["kv_steps"] = len(seen)
@@ -137,6 +138,31 @@ def _tp1_worker(cfg, hf, save_dir):
     out["grad_finite"] = all(torch.isfinite(p.main_grad if hasattr(p, "main_grad") else p.grad).all()
                              for p in gen.model.parameters() if p.requires_grad)
     return out
+
+
+def _hot_path(gen, batch, new):
+    """What one ragged generate does per step: forward steps, the lengths RoPE is applied over (ours and
+    megatron's own), and whether the CPU mode's function mode is on inside the model's forward."""
+    import megatron.core.transformer.attention as attention
+    from torch.overrides import _get_current_function_mode_stack
+
+    from instella_plugin import cpu_mode
+    from instella_plugin.inference import patches
+    from instella_plugin.inference.api import SamplingParams
+
+    steps, rotated, megatron_rope, modes = [], [], [], []
+    forward_step, rotate, apply_rope = gen.wrapper.run_one_forward_step, patches._rotate, attention.apply_rotary_pos_emb
+    gen.wrapper.run_one_forward_step = lambda inputs: steps.append(inputs["tokens"].shape[1]) or forward_step(inputs)
+    patches._rotate = lambda t, cos, sin: rotated.append(t.shape[0]) or rotate(t, cos, sin)
+    attention.apply_rotary_pos_emb = lambda t, *a, **k: megatron_rope.append(t.shape[0]) or apply_rope(t, *a, **k)
+    hook = gen.model.register_forward_pre_hook(lambda *_: modes.append(len(_get_current_function_mode_stack())))
+    try:
+        gen.generate(batch, SamplingParams(max_new_tokens=new, stop_at_eos=False))
+    finally:
+        hook.remove()
+        gen.wrapper.run_one_forward_step, patches._rotate, attention.apply_rotary_pos_emb = forward_step, rotate, apply_rope
+    return dict(steps=steps, rotated=sorted(set(rotated)), megatron_rope=megatron_rope, modes_in_forward=set(modes),
+                cpu_mode=cpu_mode.is_enabled(), modes_after=len(_get_current_function_mode_stack()))
 
 
 def _layout_worker(save_dir):
@@ -221,6 +247,17 @@ def test_kv_cache_decode_equals_full_forward(run):
     print(f"KV-cache decode vs full forward: max |logit diff| over 12 steps = {out['kv_error']:.2e}")
     assert out["kv_steps"] >= 12 and out["kv_error"] < 1e-4
     assert out["decode_attention_calls"] == 11 * CFG.num_layers  # 11 decode steps after the prefill
+
+
+def test_ragged_batch_prefills_once_and_rotates_only_new_positions(run):
+    """Prompts of 2..21 tokens: one prefill over the longest (left-padded), then one step per new token
+    (megatron's loop alone forces the longer prompts one token a step: 19 more steps); RoPE is applied
+    to the prefill's 21 positions and then to 1 position a step, never to the cache again; the forward
+    runs without the CPU mode's function mode, which is back afterwards."""
+    hot = run["out"]["hot_path"]
+    assert hot["steps"] == [max(LENGTHS)] + [1] * 5
+    assert hot["rotated"] == [1, max(LENGTHS)] and hot["megatron_rope"] == []
+    assert hot["cpu_mode"] and hot["modes_in_forward"] == {0} and hot["modes_after"] >= 1
 
 
 def test_sampling_is_seeded_and_filters_behave(run):

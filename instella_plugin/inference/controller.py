@@ -1,9 +1,14 @@
 """megatron-core's text-generation controller, with what Instella's generator needs on top.
 
 ``InstellaTextGenerationController`` is megatron-core's ``TextGenerationController`` and keeps its
-static-batch loop: prefill up to the shortest prompt, then one token per step with the KV cache of a
-``StaticInferenceContext``, the longer prompts' own tokens forced until they start generating. It
-changes three hooks of that loop:
+static-batch loop (a prefill, then one token per step with the KV cache of a
+``StaticInferenceContext``). Megatron's loop prefills only up to the shortest prompt and then forces
+the longer prompts' own tokens one step at a time; this controller left-pads a ragged batch to its
+longest prompt instead, so every prompt is read in one prefill: the context carries each row's
+padding (``patches.CachedRope``, ``context.instella_rope``), RoPE gives every row its own positions
+(the padding does not shift them) and the wrapper (``engine.InstellaInferenceWrapper``) hides the
+padding from attention, so each row computes what it would alone. It changes three hooks of that
+loop:
 
 - ``sample_from_logits``: temperature, top-k and top-p together (``sampling.choose_tokens``, the
   order of transformers' processors) from the controller's seeded ``sampling_rng``, never an id the
@@ -13,7 +18,8 @@ changes three hooks of that loop:
 - ``update_generation_status``: records each row's token and log-probability by position (the
   trace the completions are cut from), ends a row at its ``max_new_tokens`` or at a stop string as
   well as at EOS, and reports new tokens to a streaming callback;
-- ``generate_all_output_tokens_static_batch``: sets the trace up around megatron's loop and hands
+- ``generate_all_output_tokens_static_batch``: left-pads a ragged batch and marks the context (above),
+  sets the trace up around megatron's loop and hands
   each request its trace (``request.instella_trace``: tokens and log-probabilities from the first
   generated position, at most ``max_new_tokens``).
 
@@ -28,6 +34,7 @@ from megatron.core.inference.text_generation_controllers.text_generation_control
 )
 
 from instella_plugin.inference.api import SamplingParams
+from instella_plugin.inference.patches import CachedRope
 from instella_plugin.inference.sampling import choose_tokens
 
 OnToken = Callable[[int, int], None]  # (request id, token id)
@@ -81,11 +88,24 @@ class InstellaTextGenerationController(TextGenerationController):
     @torch.inference_mode()
     def generate_all_output_tokens_static_batch(self, active_requests, active_streams=None):
         requests = list(active_requests.values())
+        prompts = [r.prompt_tokens for r in requests]
+        longest = max(len(p) for p in prompts)
+        pads = [longest - len(p) for p in prompts]
+        if any(pads):  # left-pad to the longest (the row's first token; hidden by the mask), one prefill
+            for r, p, n in zip(requests, prompts, pads):
+                r.prompt_tokens = [p[0]] * n + list(p)
+        context = self.inference_wrapped_model.inference_context
+        context.instella_rope = CachedRope(torch.tensor(pads, dtype=torch.long) if any(pads) else None)
         self._prompt_lengths = [len(r.prompt_tokens) for r in requests]
         self._trace_tokens: List[List[int]] = [[] for _ in requests]
         self._trace_logprobs: List[List[float]] = [[] for _ in requests]
         self._request_ids = [r.request_id for r in requests]
-        result = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
+        try:
+            result = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
+        finally:
+            del context.instella_rope
+            for r, p in zip(requests, prompts):
+                r.prompt_tokens = p
         for r, request in enumerate(requests):
             request.instella_trace = (tuple(self._trace_tokens[r]), tuple(self._trace_logprobs[r]))
         return result

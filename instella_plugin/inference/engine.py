@@ -6,8 +6,11 @@ one-chunk list, DDP-wrapped or not) that a trainer keeps training between calls,
 ``GPTInferenceWrapper`` over the model with a fresh ``StaticInferenceContext`` (the KV cache, sized
 for this call), the ``InstellaTextGenerationController`` (``controller.py``) and a
 ``StaticInferenceEngine`` that schedules the requests in batches of ``max_batch_size``. Prompts of
-different lengths share a batch (megatron forces each prompt's own tokens until it starts
-generating); they are grouped by length so a batch wastes little.
+different lengths share a batch (left-padded to the longest and read in one prefill, see
+``controller.py``); they are grouped by length so a batch wastes little. The wrapper
+(``InstellaInferenceWrapper``) hides each row's padding from attention and runs the forward steps
+without the CPU mode's function mode; RoPE is applied once per new position before keys are cached
+(``patches.ROPE``, applied on construction).
 
 Every tensor-parallel and pipeline rank calls ``generate`` with the same prompts and gets the same
 completions (logits are gathered over TP and broadcast from the last stage; every rank samples with
@@ -32,12 +35,37 @@ from megatron.core.inference.sampling_params import SamplingParams as MegatronSa
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
+from instella_plugin import cpu_mode
 from instella_plugin.inference.api import Completion, Prompt, SamplingParams
 from instella_plugin.inference.controller import InstellaTextGenerationController, find_stop
 from instella_plugin.inference.megatron_tokenizer import MegatronTokenizerAdapter
+from instella_plugin.inference.patches import ROPE
 from instella_plugin.inference.prompts import check_fits, prompt_ids
 from instella_plugin.inference.scoring import loglikelihood
 from instella_plugin.training.model_setup import unwrap
+
+
+class InstellaInferenceWrapper(GPTInferenceWrapper):
+    """megatron's GPT inference wrapper with two changes for the generator's controller:
+
+    - a left-padded batch (the context carries ``instella_rope`` with each row's padding) gets, at each
+      step, an attention mask ``[batch, 1, new positions, cached positions]`` that hides every row's
+      padding (and the future, in the prefill); equal lengths keep megatron's mask-free path;
+    - the forward step runs without the CPU mode's function mode (``cpu_mode.function_mode_suspended``):
+      a forward makes no CUDA device requests, and the mode's hook on each of its ~600 torch calls a
+      step was a fifth of a small model's decode step.
+    """
+
+    def get_batch_for_context_window(self, inference_input, context_start_position, context_end_position):
+        batch = super().get_batch_for_context_window(inference_input, context_start_position, context_end_position)
+        rope = getattr(self.inference_context, "instella_rope", None)
+        if rope is not None and rope.pads is not None:
+            batch["attention_mask"] = rope.mask(context_start_position, context_end_position)
+        return batch
+
+    def run_one_forward_step(self, inference_input):
+        with cpu_mode.function_mode_suspended():
+            return super().run_one_forward_step(inference_input)
 
 
 class MegatronGenerator:
@@ -61,7 +89,8 @@ class MegatronGenerator:
             hidden_size=self.config.hidden_size, params_dtype=self.config.params_dtype,
             inference_batch_times_seqlen_threshold=-1, padded_vocab_size=self.vocab_size,
             inference_max_requests=self.max_batch_size, inference_max_seq_length=self.max_sequence_length)
-        self.wrapper = GPTInferenceWrapper(self.model, self.wrapper_config, StaticInferenceContext(1, 1))
+        ROPE.apply()  # RoPE once per new position (patches.py); changes only contexts the controller marks
+        self.wrapper = InstellaInferenceWrapper(self.model, self.wrapper_config, StaticInferenceContext(1, 1))
         self.controller = InstellaTextGenerationController(self.wrapper, MegatronTokenizerAdapter(tokenizer))
         self.controller.sample_vocab = min(len(tokenizer), self.vocab_size)
 
