@@ -10,10 +10,16 @@ no top-k) on the HF export of the policy's starting weights, the same prompts re
 one batch. Printed: both tokens/s, the ratio (ours / transformers) and the rollout share of the
 step; appended to bench/results/grpo.json and plotted to bench/results/grpo.png.
 
+On the CPU the whole run (the GRPO loop and transformers) holds ``--threads`` torch threads (default
+1; the trainer's set-up would take every core, and on a machine shared with other jobs two threads
+wait on each other's cores so that single ops take up to 1000x longer); the row records the thread
+count and the load average before and after.
+
     python bench/bench_grpo.py                                   # CPU: instella-tiny, fp32
     python bench/bench_grpo.py --preset instella-1b --new 512 --prompts 16 --n 8      # one GPU
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -87,8 +93,11 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=64, help="response tokens at most")
     p.add_argument("--engine", default="megatron", choices=("megatron", "plain"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU: torch threads for the whole run (default 1, see above; 0: the trainer's choice)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    load_before = os.getloadavg()[0]
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
         os.environ.setdefault(k, v)
     work = tempfile.mkdtemp(prefix="bench_grpo_")
@@ -105,7 +114,9 @@ def main(argv=None) -> int:
         "--grpo-max-prompt-tokens", "64", "--grpo-max-response-tokens", str(args.new),
         "--grpo-rollout-engine", args.engine, "--grpo-rollout-batch", str(args.prompts * args.n),
         "--lr", "1e-6", "--lr-decay-style", "constant", "--train-iters", "2", "--no-plot", "--seed", "1234"])
-    records = grpo(run, plugin, plugin.grpo_settings(run))["records"]
+    on_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    with held_threads(args.threads if on_cpu else 0):
+        records = grpo(run, plugin, plugin.grpo_settings(run))["records"]
     step = records[2]  # the first step pays for warm-up
     device = torch.device("cuda") if torch.cuda.is_available() and args.device != "cpu" else torch.device("cpu")
     hf = hf_export_of_start(run).to(device)
@@ -119,16 +130,32 @@ def main(argv=None) -> int:
                transformers_tokens_per_s=tokens / seconds,
                ratio=step["rollout_tokens_per_s"] / (tokens / seconds), rollout_share=step["rollout_s"] / step_s,
                score_share=step["score_s"] / step_s, update_share=step["update_s"] / step_s,
+               threads=torch.get_num_threads(), load_avg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
                host=platform.node(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     print(f"GRPO step rollouts ({args.engine}): {row['grpo_rollout_tokens_per_s']:,.1f} tok/s   transformers generate: "
           f"{row['transformers_tokens_per_s']:,.1f} tok/s   ratio {row['ratio']:.2f}x   step time: rollout "
           f"{100 * row['rollout_share']:.0f}%, scoring {100 * row['score_share']:.0f}%, update "
-          f"{100 * row['update_share']:.0f}%", flush=True)
+          f"{100 * row['update_share']:.0f}%   (threads {row['threads']}, load {row['load_avg_1min']})", flush=True)
     if not args.no_save:
         save(row)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+@contextlib.contextmanager
+def held_threads(n: int):
+    """Hold torch at ``n`` threads (0: change nothing) while the block runs, whatever it sets."""
+    if n <= 0:
+        yield
+        return
+    real = torch.set_num_threads
+    real(n)
+    torch.set_num_threads = lambda _: None
+    try:
+        yield
+    finally:
+        torch.set_num_threads = real
 
 
 def _prompt_ids(path, tok, run, plugin):
