@@ -4,23 +4,32 @@ Part 1 (``--part op``), one process, TP=1: forward + backward of the output laye
 the trainer benchmark's shape (micro-batch 2 x seq 1024 tokens, hidden 1024, vocabulary 50304,
 fp32) for: megatron's ``ColumnParallelLinear`` + ``vocab_parallel_cross_entropy`` (what GPTModel
 runs), the plain PyTorch loop's ``Linear`` + ``F.cross_entropy`` (bench_trainer's baseline (b)),
-and the fused path at several chunk sizes. Part 2 (``--part step``): one trainer step (bench_trainer's
-``MegatronVariant``, the trainer's own iteration) with ``--no-fused-output-loss`` and
-``--fused-output-loss``, timed per phase (forward-backward schedule, optimizer), and its peak memory.
+the fused path at several chunk sizes, and last the fused path accumulating its weight gradient into
+a ``main_grad`` buffer, as it does under megatron's DDP in the trainer.
 
-Peak memory is the process's resident high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs``) above the resident size just before the measured call: the transient
-memory the call needs. Timings on a shared machine are noisy: medians of ``--reps``.
-Appends to bench/results/output_loss.json.
+Part 2 (``--part step``): one trainer step (bench_trainer's ``MegatronVariant``: the trainer's model,
+DDP and optimizer, its forward-backward schedule) with ``--no-fused-output-loss`` and
+``--fused-output-loss``, and bench_trainer's plain PyTorch loop, each in a process of its own; per
+phase (the transformer's forward, the output layer + loss forward, their backward, the transformer's
+backward, the optimizer) wall and CPU time, and peak memory. ``--preset instella-1b`` takes that
+model's shape; ``--no-optimizer`` skips the optimizer (no Adam state: a larger model fits in memory).
+
+Peak memory on CPU is the process's resident high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) above the resident size just before the measured call, after the C
+allocator has returned its free pages (``malloc_trim``): the memory the call adds; the process's own
+peak is recorded too. On a GPU, the caching allocator's peak above the allocated bytes before the call.
+Timings on a shared machine are noisy: medians of ``--reps``. Appends to bench/results/output_loss.json.
 
     python bench/bench_output_loss.py --part op --reps 3
-    python bench/bench_output_loss.py --part step --layers 2 --reps 1
+    python bench/bench_output_loss.py --part step --reps 2                 # the trainer benchmark's shape
+    python bench/bench_output_loss.py --part step --preset instella-1b --seq 1024 --mbs 1 --no-optimizer \
+        --no-hf --warmup 0 --reps 1
     python bench/bench_output_loss.py --part op --device cuda --dtype bf16 --mbs 4 --seq 4096 --hidden 2560
 
-The op part ends with a ``RESULT PASS|FAIL`` line (for tests/gpu/run_gpu_checks.sh): PASS when the
-fused path's peak is below megatron's by at least the fp32 logits in bf16 (megatron holds the bf16
-logits or their gradient beside the fp32 ones), by the fp32 logits less two chunks' in fp32 (megatron's
-loss turns the fp32 logits into their gradient in place: one buffer).
+The op part ends with a ``RESULT PASS|FAIL`` line (for tests/gpu/run_gpu_checks.sh) about its last
+variant: PASS when the fused path's peak is below megatron's by at least the fp32 logits in bf16
+(megatron holds the bf16 logits or their gradient beside the fp32 ones), by the fp32 logits less two
+chunks' in fp32 (megatron's loss turns the fp32 logits into their gradient in place: one buffer).
 """
 import argparse
 import json
@@ -47,18 +56,30 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure(fn, reps: int, device: str = "cpu"):
+def _release_free_heap() -> None:
+    """Give the C allocator's free pages back to the system, so that the resident size counts live memory."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figures then include freed heap kept resident
+        pass
+
+
+def measure(fn, reps: int, device: str = "cpu", with_process_peak: bool = False):
     """(median wall seconds, median process CPU seconds, peak MiB above the memory in use before the
-    call) over ``reps`` calls. CPU time is less sensitive than wall time to other users' load. On CPU
-    the memory is the resident size (``VmHWM`` reset through ``/proc/self/clear_refs``); on a GPU,
-    the caching allocator's peak of allocated bytes."""
-    times, cpu, peaks = [], [], []
+    call[, the process's peak MiB]) over ``reps`` calls. CPU time is less sensitive than wall time to
+    other users' load. On CPU the memory is the resident size (free heap pages released first, then
+    ``VmHWM`` reset through ``/proc/self/clear_refs``); on a GPU, the caching allocator's peak of
+    allocated bytes."""
+    times, cpu, peaks, process = [], [], [], []
     for _ in range(reps):
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() / 1024
         else:
+            _release_free_heap()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident size
             before = _rss_kib("VmRSS")
@@ -70,7 +91,9 @@ def measure(fn, reps: int, device: str = "cpu"):
         cpu.append(time.process_time() - c0)
         peak = torch.cuda.max_memory_allocated() / 1024 if device == "cuda" else _rss_kib("VmHWM")
         peaks.append((peak - before) / 1024)
-    return statistics.median(times), statistics.median(cpu), max(peaks)
+        process.append(peak / 1024)
+    out = (statistics.median(times), statistics.median(cpu), max(peaks))
+    return out + (max(process),) if with_process_peak else out
 
 
 def op_part(a) -> dict:
@@ -109,6 +132,17 @@ def op_part(a) -> dict:
     for chunk in a.chunks or [chunk_tokens_for(v, dev)]:
         variants[f"fused, {chunk} tokens a chunk"] = (lambda c: lambda: output_layer_loss(
             layer, hidden, labels, chunk_tokens=c).sum().backward())(chunk)
+
+    def fused_main_grad(chunk=chunk):
+        """As under megatron's DDP (the trainer): the weight gradient accumulated into a main_grad
+        buffer that exists before the call (megatron's variant's .grad is what DDP would add there)."""
+        w = layer.weight
+        if not hasattr(w, "main_grad"):
+            w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=dev)
+        w.grad_added_to_main_grad = False
+        output_layer_loss(layer, hidden, labels, chunk_tokens=chunk).sum().backward()
+
+    variants[f"fused, {chunk} tokens a chunk, into main_grad"] = fused_main_grad  # last: it marks the weight
     out = {}
     logits_mib = s * b * v * 4 / 2**20
     print(f"output layer + loss on {dev}, {s * b} tokens x hidden {h} x vocab {v}, {a.dtype}; "
@@ -136,59 +170,143 @@ def op_part(a) -> dict:
     return {"logits_mib": logits_mib, "saved_mib": saved, "variants": out}
 
 
+STEP_VARIANTS = ("--no-fused-output-loss", "--fused-output-loss", "plain loop")
+
+
 def step_part(a) -> dict:
-    """One trainer step with and without the fused path: per-phase time and peak memory."""
+    """One trainer step per variant, each variant in a process of its own (so that no variant reuses
+    memory another freed): per-phase times and peak memory."""
+    import subprocess
+    import tempfile
+
+    variants = [v for v in STEP_VARIANTS if a.hf or v != "plain loop"]
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench_output_loss_") as tmp:
+        for v in variants:
+            path = os.path.join(tmp, "out.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--part", "step", f"--step-variant={v}",
+                   "--worker-out", path] + [f"--{k}={getattr(a, k)}" for k in (
+                       "layers", "hidden", "heads", "ffn", "seq", "mbs", "vocab", "reps", "warmup")]
+            cmd += ["--no-optimizer"] if not a.optimizer else []
+            cmd += ["--bf16"] if a.bf16 else []
+            subprocess.run(cmd, check=True, cwd=tmp, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            with open(path) as f:
+                out[v] = json.load(f)
+    fused, plain = out["--fused-output-loss"], out["--no-fused-output-loss"]
+    saved = plain["peak_mib"] - fused["peak_mib"]
+    logits_mib = a.seq * a.mbs * a.vocab * 4 / 2**20
+    wgrad_mib = a.vocab * a.hidden * (2 if a.bf16 else 4) / 2**20
+    print(f"  peak above the step's start falls by {saved:.0f} MiB (process peak by "
+          f"{plain['process_peak_mib'] - fused['process_peak_mib']:.0f} MiB); fp32 logits {logits_mib:.0f} MiB, "
+          f"logits + their gradient {2 * logits_mib:.0f} MiB, output weight gradient {wgrad_mib:.0f} MiB")
+    print("  phases (wall s / CPU s):")
+    for name, v in out.items():
+        print(f"    {name:<24} " + "  ".join(f"{k} {p['wall_s']:6.2f}/{p['cpu_s']:6.2f}" for k, p in v["phases"].items()))
+    return {"logits_mib": logits_mib, "weight_grad_mib": wgrad_mib, "saved_mib": saved, "bf16": a.bf16,
+            "variants": out}
+
+
+class PhaseClock:
+    """Wall and CPU time marks of one step: the transformer's forward (embedding and decoder, final
+    norm included), the output layer + loss forward, their backward (up to the gradient of the
+    decoder's output), the transformer's backward (and the gradient reduction)."""
+
+    NAMES = ("transformer forward", "output+loss forward", "output+loss backward", "transformer backward")
+
+    def __init__(self, decoder: torch.nn.Module, model: torch.nn.Module):
+        self.marks, self.totals = [], {}
+
+        def decoder_done(module, args, output):
+            self.mark()
+            hidden = output if torch.is_tensor(output) else output[0]  # (megatron: a tensor; transformers: a ModelOutput)
+            if hidden.requires_grad:
+                hidden.register_hook(lambda grad: self.mark())
+
+        decoder.register_forward_hook(decoder_done)
+        model.register_forward_hook(lambda *unused: self.mark())
+
+    def mark(self):
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def run(self, fn):
+        self.marks = []
+        self.mark()
+        fn()
+        self.mark()
+        if len(self.marks) != 5:
+            raise RuntimeError(f"PhaseClock: {len(self.marks)} marks, expected 5 (one micro-batch, one chunk)")
+        for name, (w0, c0), (w1, c1) in zip(self.NAMES, self.marks, self.marks[1:]):
+            t = self.totals.setdefault(name, {"wall_s": [], "cpu_s": []})
+            t["wall_s"].append(w1 - w0)
+            t["cpu_s"].append(c1 - c0)
+
+    def medians(self) -> dict:
+        return {k: {kk: statistics.median(vv) for kk, vv in v.items()} for k, v in self.totals.items()}
+
+
+def step_worker(a) -> None:
+    """One variant of the step part, in this process."""
     from bench_trainer import MegatronVariant, trainer_argv
 
     from instella_plugin.training.arguments import parse_args
     from instella_plugin.training.forward_step import run_forward_backward
+    from instella_plugin.training.model_setup import unwrap
     from instella_plugin.training.setup import initialize_distributed
     from instella_plugin.testing.distributed import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     a.tp_size = 1
-    base = trainer_argv(a, "instella")
-    device = initialize_distributed(parse_args(base)[0])
-    out = {}
-    for flag in ("--no-fused-output-loss", "--fused-output-loss"):
-        v = MegatronVariant(base + [flag], device)
-        t = v.trainer
+    base = trainer_argv(a, "instella") + (["--bf16"] if a.bf16 else [])
+    run = parse_args(base)[0]
+    device = initialize_distributed(run)
+    if a.step_variant == "plain loop":
+        from instella_plugin.training.datasets import dataset_sizes
+        from instella_plugin.training.plugins import load_plugin
 
-        def fwd_bwd(t=t, v=v):  # bound now: both names are deleted below, to free the model
+        dataset = load_plugin("instella").build_datasets(run, dataset_sizes(run))[0]
+        fwd_bwd, opt, clock = _hf_loop(a, dataset)
+    else:
+        v = MegatronVariant(base + [a.step_variant], device)
+        t = v.trainer
+        model = unwrap(t.model[0])
+        clock = PhaseClock(model.decoder, model)
+
+        def fwd_bwd():
             for m in t.model:
                 m.zero_grad_buffer()
             run_forward_backward(t.model, t.batches(v.train_ds, 0), seq_length=t.run.model.seq_length,
                                  micro_batch_size=t.run.layout.micro_batch_size,
                                  num_microbatches=t.run.layout.num_microbatches)
 
-        fwd_bwd()  # warm-up (and the optimizer's state)
-        t.optimizer.step()
-        t_fb, c_fb, peak = measure(fwd_bwd, a.reps)
-        t_opt, c_opt, _ = measure(t.optimizer.step, 1)
-        out[flag] = {"forward_backward_s": t_fb, "forward_backward_cpu_s": c_fb, "optimizer_s": t_opt,
-                     "optimizer_cpu_s": c_opt, "peak_mib": peak}
-        print(f"  {flag:<24} forward-backward {t_fb:7.2f} s (CPU {c_fb:7.2f} s)  optimizer {t_opt:5.2f} s "
-              f"(CPU {c_opt:5.2f} s)  peak +{peak:7.0f} MiB", flush=True)
-        v_ds = v.train_ds
-        del v, t, fwd_bwd
-    if a.hf:
-        out["plain loop"] = _hf_phases(a, v_ds, measure)
-    saved = out["--no-fused-output-loss"]["peak_mib"] - out["--fused-output-loss"]["peak_mib"]
-    logits_mib = a.seq * a.mbs * a.vocab * 4 / 2**20
-    print(f"  peak falls by {saved:.0f} MiB; logits + their gradient = {2 * logits_mib:.0f} MiB")
+        opt = t.optimizer.step
+    for _ in range(a.warmup):  # (and the optimizer's state)
+        clock.run(fwd_bwd)
+        if a.optimizer:
+            opt()
+    clock.totals = {}
+    t_fb, c_fb, peak, process_peak = measure(lambda: clock.run(fwd_bwd), a.reps, with_process_peak=True)
+    t_opt, c_opt, _ = measure(opt, 1) if a.optimizer else (0.0, 0.0, 0.0)
+    res = {"forward_backward_s": t_fb, "forward_backward_cpu_s": c_fb, "optimizer_s": t_opt,
+           "optimizer_cpu_s": c_opt, "peak_mib": peak, "process_peak_mib": process_peak, "phases": clock.medians()}
+    print(f"  {a.step_variant:<24} forward-backward {t_fb:7.2f} s (CPU {c_fb:7.2f} s)  optimizer {t_opt:5.2f} s "
+          f"(CPU {c_opt:5.2f} s)  peak +{peak:7.0f} MiB (process {process_peak:7.0f} MiB)", flush=True)
+    with open(a.worker_out, "w") as f:
+        json.dump(res, f)
     torch.distributed.destroy_process_group()
-    return {"logits_mib": logits_mib, "saved_mib": saved, "variants": out}
 
 
-def _hf_phases(a, dataset, measure) -> dict:
+def _hf_loop(a, dataset):
     """bench_trainer's plain PyTorch loop, the same phases: forward + loss + backward, then clip + AdamW."""
     from bench_trainer import HFLoopVariant
 
     from instella_plugin.training.datasets import to_torch_batch
 
     v = HFLoopVariant(a, dataset, "sdpa")
+    if a.bf16:
+        v.model.to(torch.bfloat16)
     batch = to_torch_batch([dataset[i] for i in range(a.mbs)])
+    clock = PhaseClock(v.model.model, torch.nn.Identity())
 
     def fwd_bwd():
         v.opt.zero_grad(set_to_none=True)
@@ -196,20 +314,15 @@ def _hf_phases(a, dataset, measure) -> dict:
         losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                    batch["labels"].reshape(-1), reduction="none")
         mask = batch["loss_mask"].reshape(-1)
-        ((losses * mask).sum() / mask.sum()).backward()
+        loss = (losses * mask).sum() / mask.sum()
+        clock.mark()
+        loss.backward()
 
     def opt():
         torch.nn.utils.clip_grad_norm_(v.model.parameters(), 1.0)
         v.opt.step()
 
-    fwd_bwd()
-    opt()
-    t_fb, c_fb, peak = measure(fwd_bwd, a.reps)
-    t_opt, c_opt, _ = measure(opt, 1)
-    print(f"  {'plain loop':<24} forward-backward {t_fb:7.2f} s (CPU {c_fb:7.2f} s)  optimizer {t_opt:5.2f} s "
-          f"(CPU {c_opt:5.2f} s)  peak +{peak:7.0f} MiB", flush=True)
-    return {"forward_backward_s": t_fb, "forward_backward_cpu_s": c_fb, "optimizer_s": t_opt,
-            "optimizer_cpu_s": c_opt, "peak_mib": peak}
+    return fwd_bwd, opt, clock
 
 
 def main(argv=None) -> int:
@@ -222,6 +335,14 @@ def main(argv=None) -> int:
     add_shape_args(ap)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="step part: skip the plain PyTorch loop")
+    ap.add_argument("--preset", help="step part: the model shape of this preset (e.g. instella-1b) instead of "
+                                     "--layers/--hidden/--heads/--ffn/--vocab")
+    ap.add_argument("--warmup", type=int, default=1, help="step part: untimed steps first")
+    ap.add_argument("--no-optimizer", dest="optimizer", action="store_false",
+                    help="step part: forward-backward only (no optimizer state: a larger model fits)")
+    ap.add_argument("--bf16", action="store_true", help="step part: bf16 weights (the trainer's --bf16)")
+    ap.add_argument("--step-variant", choices=STEP_VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "output_loss.json"))
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -229,12 +350,22 @@ def main(argv=None) -> int:
         from instella_plugin import cpu_mode
 
         cpu_mode.enable_if_no_gpu()
+    if a.preset:
+        from instella_plugin.model.config import get_preset
+
+        cfg = get_preset(a.preset)
+        a.layers, a.hidden, a.heads, a.ffn, a.vocab = (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads,
+                                                       cfg.ffn_hidden_size, cfg.padded_vocab_size)
+    if a.step_variant:
+        step_worker(a)
+        return 0
     t0 = time.time()
     result = op_part(a) if a.part == "op" else step_part(a)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "part": a.part, "threads": torch.get_num_threads(),
               "load_average": os.getloadavg()[0], "wall_s": time.time() - t0, "reps": a.reps,
               "shape": {k: getattr(a, k) for k in ("layers", "hidden", "heads", "ffn", "seq", "mbs", "vocab")},
-              **result}
+              **({"preset": a.preset} if a.preset else {}),
+              **({"optimizer": a.optimizer} if a.part == "step" else {}), **result}
     history = []
     if os.path.exists(a.out):
         with open(a.out) as f:

@@ -174,6 +174,50 @@ def _check_gpt_model(sequence_parallel):
     return dict(loss=(l0 - l1).abs().max().item(), grads=max((g0[k] - g1[k]).abs().max().item() for k in g0))
 
 
+def _check_ddp_main_grad(sequence_parallel):
+    """Inside megatron's DDP (overlapped gradient reduction, so each bucket's ready hook must fire), over
+    two micro-batches of the trainer's forward step: GPTModel's main_grad against the fused model's, whose
+    output weight gradient is accumulated straight into main_grad, for each expected per-token gradient
+    (right: 1; none; wrong: 0.5) and for a loss mask of ones and zeros and one of arbitrary weights."""
+    from megatron.core import parallel_state as ps
+
+    from instella_plugin.model.build import build_gpt_chunks
+    from instella_plugin.model.config import get_preset
+    from instella_plugin.training.forward_step import run_forward_backward
+    from instella_plugin.training.model_setup import wrap_ddp
+
+    cfg = get_preset("instella-test", num_layers=1, padded_vocab_size=V, vocab_size=V, seq_length=S)
+    tcfg = cfg.transformer_config(tensor_parallel=ps.get_tensor_model_parallel_world_size(),
+                                  sequence_parallel=sequence_parallel)
+    g = torch.Generator().manual_seed(13 + ps.get_data_parallel_rank())  # other data on each DP rank
+    masks = {"mask": [_token_weights("mask", None), _token_weights("mostly-masked", None)],
+             "weights": [_token_weights("weights", None), torch.rand(B, S, generator=g)]}
+    batches = [dict(tokens=torch.randint(0, V, (B, S), generator=g), labels=torch.randint(0, V, (B, S), generator=g),
+                    position_ids=torch.arange(S).expand(B, S).clone()) for _ in range(2)]
+
+    def main_grads(model, kind):
+        model.zero_grad_buffer()
+        run_forward_backward([model], [dict(b, loss_mask=m) for b, m in zip(batches, masks[kind])],
+                             seq_length=S, micro_batch_size=B, num_microbatches=2)
+        return {n: p.main_grad.clone() for n, p in model.module.named_parameters()}, model.module
+
+    ref_model = wrap_ddp(build_gpt_chunks(cfg, tcfg, init_seed=3, fused_output_loss=False),
+                         overlap_grad_reduce=True)[0]
+    fused_model = wrap_ddp(build_gpt_chunks(cfg, tcfg, init_seed=3, fused_output_loss=True),
+                           overlap_grad_reduce=True)[0]
+    errs = {}
+    for kind in masks:
+        ref, _ = main_grads(ref_model, kind)
+        for expected in (1.0, None, 0.5):
+            fused_model.module.expected_loss_grad = expected
+            got, module = main_grads(fused_model, kind)
+            weight = module.output_layer.weight
+            assert weight.grad is None and weight.grad_added_to_main_grad, (kind, expected)  # placeholder dropped
+            assert ref["output_layer.weight"].abs().max() > 1e-3
+            errs[(kind, expected)] = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    return errs
+
+
 def _worker():
     from megatron.core import parallel_state as ps
 
@@ -187,15 +231,19 @@ def _worker():
                 for precompute in (True, False):
                     results[(tp, sp, kind, precompute)] = _check_output_layer(sp, kind, precompute)
             results[(tp, sp, "gpt model")] = _check_gpt_model(sp)
+            results[(tp, sp, "ddp")] = _check_ddp_main_grad(sp)
     return results
 
 
 @pytest.mark.dist
 def test_matches_megatron_vocab_parallel_cross_entropy_at_tp1_and_tp2():
     per_rank = run_distributed(_worker, 2, tp=2)
-    assert len(per_rank[0]) == 2 * 7 + 7
+    assert len(per_rank[0]) == 2 * 8 + 8
     for rank, results in enumerate(per_rank):
         for key, errs in results.items():
+            if key[-1] == "ddp":
+                assert len(errs) == 6 and max(errs.values()) <= 1e-6, (rank, key, errs)
+                continue
             if key[-1] == "gpt model":
                 assert errs["loss"] <= 1e-6 and errs["grads"] <= 1e-6, (rank, key, errs)
                 continue
