@@ -20,7 +20,7 @@ namespace {
 
 template <class T>
 INSTELLA_INLINE double row_sumsq(const T* xr, const QKShape& sh) {
-  LaneSums ss;  // reductions in double: exact to fp32 for any width
+  LaneSums<> ss;  // reductions in double: exact to fp32 for any width
   for (int64_t h = 0; h < sh.heads; ++h) {
     const T* xh = xr + h * sh.stride_h;
     lane_sum(ss, sh.head_dim, [&](int64_t d) {
@@ -72,7 +72,7 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, QKShape sh, cons
         const T *xh = xr + h * sh.stride_h, *wh = w + h * hd;
         A* nh = nb + h * hd;
 #pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) nh[d] = round_to<T>(to_acc(wh[d]) * round_to<T>(to_acc(xh[d]) * inv));
+        for (int64_t d = 0; d < hd; ++d) nh[d] = round_dtype<T>(to_acc(wh[d]) * round_dtype<T>(to_acc(xh[d]) * inv));
       }
       for (int64_t h = 0; h < sh.heads; ++h) {
         A *n1 = nb + h * hd, *n2 = n1 + half;
@@ -83,7 +83,7 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, QKShape sh, cons
           n2[d] = b * c2[d] + a * s2[d];
         }
       }
-      write_out(isa, stream, yr, width, [&](int64_t i) { return from_acc<T>(nb[i]); });
+      write_out(isa, stream, yr, width, [&](int64_t i) { return to_dtype<T>(nb[i]); });
       continue;
     }
     T* out = stream ? reinterpret_cast<T*>(nb) : yr;  // fp32: the row in scratch, then streamed
@@ -92,10 +92,10 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, QKShape sh, cons
       T *y1 = out + h * hd, *y2 = y1 + half;
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d) {
-        const A a = round_to<T>(to_acc(w1[d]) * round_to<T>(to_acc(x1[d]) * inv));
-        const A b = round_to<T>(to_acc(w2[d]) * round_to<T>(to_acc(x2[d]) * inv));
-        y1[d] = from_acc<T>(a * c1[d] - b * s1[d]);
-        y2[d] = from_acc<T>(b * c2[d] + a * s2[d]);
+        const A a = round_dtype<T>(to_acc(w1[d]) * round_dtype<T>(to_acc(x1[d]) * inv));
+        const A b = round_dtype<T>(to_acc(w2[d]) * round_dtype<T>(to_acc(x2[d]) * inv));
+        y1[d] = to_dtype<T>(a * c1[d] - b * s1[d]);
+        y2[d] = to_dtype<T>(b * c2[d] + a * s2[d]);
       }
     }
     if (stream) stream_bytes(isa, yr, out, size_t(width) * sizeof(T));
@@ -162,8 +162,8 @@ INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, QKShape gsh, co
         const A u1 = g1 * c1[d] + g2 * s2[d];  // RoPE^T dy
         const A u2 = g2 * c2[d] - g1 * s1[d];
         const A x1 = to_acc(xa[d]), x2 = to_acc(xb[d]);
-        pa[d] += u1 * round_to<T>(x1 * inv);
-        pb[d] += u2 * round_to<T>(x2 * inv);
+        pa[d] += u1 * round_dtype<T>(x1 * inv);
+        pb[d] += u2 * round_dtype<T>(x2 * inv);
         const A n1 = u1 * to_acc(wa[d]), n2 = u2 * to_acc(wb[d]);
         na[d] = n1;
         nb[d] = n2;
@@ -174,7 +174,7 @@ INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, QKShape gsh, co
     T* dxr = dx + r * width;
     if (split) {
       dss[r] = A(-0.5 * double(inv) * inv * inv * dot / double(full_width));
-      write_out(isa, stream, dxr, width, [&](int64_t i) { return from_acc<T>(inv * dn[i]); });
+      write_out(isa, stream, dxr, width, [&](int64_t i) { return to_dtype<T>(inv * dn[i]); });
     } else {
       for (int64_t h = 0; h < sh.heads; ++h) {  // dn becomes the gradient in Acc, then one row write
         const T* xh = xr + h * sh.stride_h;
@@ -182,7 +182,7 @@ INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, QKShape gsh, co
 #pragma omp simd
         for (int64_t d = 0; d < hd; ++d) gh[d] = inv * gh[d] - c * to_acc(xh[d]);
       }
-      write_out(isa, stream, dxr, width, [&](int64_t i) { return from_acc<T>(dn[i]); });
+      write_out(isa, stream, dxr, width, [&](int64_t i) { return to_dtype<T>(dn[i]); });
     }
   }
   if (stream) stream_fence();
@@ -285,7 +285,7 @@ void qk_norm_rope_bwd(DType dt, const void* dy, QKShape gsh, const void* x, QKSh
     for (int64_t i = 0; i < width; ++i) {
       A s = 0;
       for (int64_t c = 0; c < chunks; ++c) s += part[size_t(c) * width + i];
-      dwp[i] = from_acc<T>(s);
+      dwp[i] = to_dtype<T>(s);
     }
   });
 }

@@ -4,6 +4,7 @@
 #include <math.h>
 #include <omp.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -22,14 +23,19 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, cons
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * xs;
     T* yr = y + r * n;
-    LaneSums ss;  // reductions in double: the sum is then exact to fp32 for any width
+    // Sum of squares in double lanes: exact to fp32 for any width. A bf16 value's square is exact in
+    // float (8-bit significands), so bf16 rows sum in float lanes, at twice the width per vector; their
+    // rounding error (~kLanes-fold fewer additions per lane than elements) is far below bf16's, and
+    // squares beyond float's range overflow as in the fp32 reference's x.float().pow(2).
+    using S = typename std::conditional<std::is_same<T, bf16>::value, float, double>::type;
+    LaneSums<S> ss;
     lane_sum(ss, n, [&](int64_t i) {
-      const double v = to_acc(xr[i]);
+      const S v = to_acc(xr[i]);
       return v * v;
     });
     const A inv = A(1.0 / sqrt(ss.total() / double(n) + eps));
     write_out(isa, stream, yr, n, [&](int64_t i) {
-      return from_acc<T>(to_acc(w[i]) * round_to<T>(to_acc(xr[i]) * inv));
+      return to_dtype<T>(to_acc(w[i]) * round_dtype<T>(to_acc(xr[i]) * inv));
     });
     rstd[r] = inv;
   }
@@ -49,16 +55,16 @@ INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, int64_t dys, co
     const T* gr = dy + r * dys;
     T* dxr = dx + r * n;
     const A inv = rstd[r];
-    LaneSums dot;  // sum_i dn_i * x_i with dn = dy * w
+    LaneSums<> dot;  // sum_i dn_i * x_i with dn = dy * w
     lane_sum(dot, n, [&](int64_t i) {
       const A xv = to_acc(xr[i]);
       const A g = to_acc(gr[i]);
-      part[i] += g * round_to<T>(xv * inv);
+      part[i] += g * round_dtype<T>(xv * inv);
       return double(g * to_acc(w[i])) * double(xv);
     });
     const A c = A(double(inv) * inv * inv * dot.total() / double(n));
     write_out(isa, stream, dxr, n, [&](int64_t i) {
-      return from_acc<T>(inv * to_acc(gr[i]) * to_acc(w[i]) - c * to_acc(xr[i]));
+      return to_dtype<T>(inv * to_acc(gr[i]) * to_acc(w[i]) - c * to_acc(xr[i]));
     });
   }
   if (stream) stream_fence();
@@ -121,7 +127,7 @@ void rms_norm_bwd(DType dt, const void* dy, int64_t dy_stride, const void* x, in
     for (int64_t i = 0; i < hidden; ++i) {
       A s = 0;
       for (int64_t c = 0; c < chunks; ++c) s += part[size_t(c) * hidden + i];
-      dwp[i] = from_acc<T>(s);
+      dwp[i] = to_dtype<T>(s);
     }
   });
 }

@@ -41,7 +41,7 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, T* y
     if constexpr (std::is_same<A, double>::value) {
       write_out(isa, stream, y + r * f, f, [&](int64_t i) {
         const A gv = to_acc(g[i]);
-        return from_acc<T>(gv * sigmoid_acc(gv) * to_acc(u[i]));
+        return to_dtype<T>(gv * sigmoid_acc(gv) * to_acc(u[i]));
       });
     } else {
       for (int64_t i0 = 0; i0 < f; i0 += kStage) {
@@ -50,7 +50,7 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, T* y
         alignas(64) float s[kStage];
         const float* gp = gate_sigmoid(isa, g + i0, gw, s, m);
         const T* ub = u + i0;
-        write_out(isa, stream, y + r * f + i0, m, [&](int64_t j) { return from_acc<T>(gp[j] * s[j] * to_acc(ub[j])); });
+        write_out(isa, stream, y + r * f + i0, m, [&](int64_t j) { return to_dtype<T>(gp[j] * s[j] * to_acc(ub[j])); });
       }
     }
   }
@@ -65,8 +65,8 @@ INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, int64_t dys, co
   auto grads = [](A gv, A sv, A uv, A dyv, T& dgi, T& dui) {
     const A silu = gv * sv;
     const A dsilu = sv * (A(1) + gv * (A(1) - sv));
-    dgi = from_acc<T>(dyv * uv * dsilu);
-    dui = from_acc<T>(dyv * silu);
+    dgi = to_dtype<T>(dyv * uv * dsilu);
+    dui = to_dtype<T>(dyv * silu);
   };
   for (int64_t r = r0; r < r1; ++r) {
     const T* g = x + r * xs;
