@@ -274,7 +274,7 @@ class InstellaPlugin(GPTPlugin):
 
     def forward_step(self, run, transformer_config, model_chunks, *, resumed_own_run: bool, device):
         if run.data.kind == "grpo":  # the reference's log-probs are computed by the GRPO loop before updates
-            return GRPOStep(run.flags.grpo_clip_eps, run.flags.grpo_kl_beta)
+            return GRPOStep(run.flags.grpo_clip_eps, run.flags.grpo_kl_beta, run.flags.grpo_dual_clip)
         if run.data.kind != "dpo":
             step = super().forward_step(run, transformer_config, model_chunks,
                                         resumed_own_run=resumed_own_run, device=device)
@@ -286,7 +286,8 @@ class InstellaPlugin(GPTPlugin):
         flags = run.flags
         return GRPOSettings(
             group_size=flags.grpo_group_size, prompts_per_step=flags.grpo_prompts_per_step,
-            kl_beta=flags.grpo_kl_beta, clip_eps=flags.grpo_clip_eps, temperature=flags.grpo_temperature,
+            kl_beta=flags.grpo_kl_beta, clip_eps=flags.grpo_clip_eps, dual_clip=flags.grpo_dual_clip,
+            temperature=flags.grpo_temperature,
             max_prompt_tokens=flags.grpo_max_prompt_tokens, max_response_tokens=flags.grpo_max_response_tokens,
             micro_batch_tokens=flags.grpo_micro_batch_tokens, prompt_key=flags.grpo_prompt_key,
             answer_key=flags.grpo_answer_key, chat_template=flags.grpo_chat_template,

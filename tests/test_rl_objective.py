@@ -5,6 +5,8 @@
   on the same log-probabilities, old and reference log-probabilities, advantages and masks: loss,
   gradient with respect to the log-probabilities, KL and clip-fraction metrics within 1e-6 (float64).
 - A closed-form per-token computation written here with plain Python floats.
+- The dual clip (on by default, c = 3) against VERL's definition written out here per token (TRL has
+  none): for A < 0, loss = min(max(-A r, -A clip(r, 1 - eps, 1 + eps)), -A c); its gradient by hand.
 - Advantages against a hand computation and against TRL's ``nanstd`` (the Bessel-corrected std).
 - The megatron loss function (``GRPOStep.loss``) over micro-batches reduces to the same token mean.
 """
@@ -19,6 +21,7 @@ from trl.trainer.utils import nanstd
 
 from instella_plugin.rl.advantages import group_advantages
 from instella_plugin.rl.objective import (
+    DUAL_CLIP,
     GRPOStep,
     token_mean_loss,
     token_terms,
@@ -62,13 +65,13 @@ def test_loss_gradient_kl_and_clip_fraction_equal_trl():
         logp, old, ref, adv, mask = _inputs(seed)
         ours_in = logp.clone().requires_grad_(True)
         trl_in = logp.clone().requires_grad_(True)
-        ours = token_mean_loss(ours_in, old, ref, adv, mask, CLIP, BETA)
+        ours = token_mean_loss(ours_in, old, ref, adv, mask, CLIP, BETA, dual_clip=None)  # TRL has no dual clip
         theirs, metrics = _trl_loss(trl_in, old, ref, adv, mask)
         ours.backward()
         theirs.backward()
         assert abs(float(ours) - float(theirs)) < 1e-6, (float(ours), float(theirs))
         assert float((ours_in.grad - trl_in.grad).abs().max()) < 1e-6
-        terms = token_terms(logp, old, ref, adv, CLIP, BETA)
+        terms = token_terms(logp, old, ref, adv, CLIP, BETA, dual_clip=None)
         n = mask.sum()
         assert abs(float((terms["kl"] * mask).sum() / n) - metrics["kl"][0]) < 1e-6
         assert abs(float((terms["clipped"] * mask).sum() / n) - metrics["clip_ratio/region_mean"][0]) < 1e-6
@@ -77,7 +80,7 @@ def test_loss_gradient_kl_and_clip_fraction_equal_trl():
 
 def test_per_token_terms_closed_form():
     logp, old, ref, adv, mask = _inputs(7, b=3, s=4)
-    terms = token_terms(logp, old, ref, adv, CLIP, BETA)
+    terms = token_terms(logp, old, ref, adv, CLIP, BETA, dual_clip=None)
     for i in range(3):
         for t in range(4):
             lp, o, r, a = float(logp[i, t]), float(old[i, t]), float(ref[i, t]), float(adv[i])
@@ -95,7 +98,7 @@ def test_per_token_terms_closed_form():
 def test_megatron_loss_function_over_micro_batches_is_the_token_mean():
     """Two micro-batches' (sum, tokens), as megatron's per-token accounting adds them, equal TRL's mean."""
     logp, old, ref, adv, mask = _inputs(11)
-    step = GRPOStep(CLIP, BETA)
+    step = GRPOStep(CLIP, BETA, dual_clip=0)  # off, as TRL
     total, tokens = 0.0, 0
     for rows in (slice(0, 2), slice(2, 6)):
         batch = {"old_logprobs": old[rows], "ref_logprobs": ref[rows], "advantages": adv[rows],
@@ -110,6 +113,71 @@ def test_megatron_loss_function_over_micro_batches_is_the_token_mean():
     stats = step.take_stats()
     assert abs(float(stats[2] / stats[0]) - metrics["kl"][0]) < 1e-6
     assert float(step.take_stats().abs().sum()) == 0.0
+
+
+def _verl_dual_clip_pg(lp, o, a, c):
+    """VERL's per-token policy loss (``compute_policy_loss``) in plain floats: PPO's clipped loss, and for a
+    negative advantage its minimum with -A * c."""
+    ratio = math.exp(lp - o)
+    pg = max(-a * ratio, -a * min(max(ratio, 1 - CLIP), 1 + CLIP))
+    return min(pg, -a * c) if a < 0 else pg
+
+
+def test_dual_clip_per_token_and_gradient_against_verls_definition():
+    g = torch.Generator().manual_seed(21)
+    b, s = 8, 7
+    old = -torch.rand(b, s, generator=g, dtype=torch.float64) * 3 - 0.05
+    logp = old + torch.randn(b, s, generator=g, dtype=torch.float64) * 1.2  # many ratios above c = 3 and below 1/3
+    ref = old + torch.randn(b, s, generator=g, dtype=torch.float64) * 0.2
+    adv = torch.tensor([-1.5, -0.4, 0.7, 1.2, -2.0, 0.3, -0.9, 0.0], dtype=torch.float64)
+    assert DUAL_CLIP == 3.0  # VERL's actor.clip_ratio_c
+    for c in (3.0, 1.5):
+        x = logp.clone().requires_grad_(True)
+        terms = token_terms(x, old, ref, adv, CLIP, BETA, dual_clip=c)
+        terms["pg"].sum().backward()
+        bounded = 0
+        for i in range(b):
+            for t in range(s):
+                lp, o, a = float(logp[i, t]), float(old[i, t]), float(adv[i])
+                ratio = math.exp(lp - o)
+                want = _verl_dual_clip_pg(lp, o, a, c)
+                assert abs(float(terms["pg"][i, t]) - want) < 1e-12, (i, t)
+                kl = min(math.exp(float(ref[i, t]) - lp) - (float(ref[i, t]) - lp) - 1, 10.0)  # VERL's bound
+                assert abs(float(terms["loss"][i, t]) - (want + BETA * kl)) < 1e-12
+                dual = a < 0 and max(-a * ratio, -a * min(max(ratio, 1 - CLIP), 1 + CLIP)) > -a * c
+                assert float(terms["dual_clipped"][i, t]) == float(dual)
+                bounded += dual
+                # d pg / d logp by hand: -A * ratio where the unclipped ratio decides, else 0 (a constant)
+                ppo_clipped = (ratio > 1 + CLIP and a > 0) or (ratio < 1 - CLIP and a < 0)
+                want_grad = 0.0 if (dual or ppo_clipped) else -a * ratio
+                assert abs(float(x.grad[i, t]) - want_grad) < 1e-12, (i, t)
+        assert 0 < bounded < int((adv < 0).sum()) * s  # the bound is active on some tokens, not all
+    # off (None or 0): PPO's loss, unbounded for negative advantages; the default is c = 3
+    plain = token_terms(logp, old, ref, adv, CLIP, BETA, dual_clip=None)
+    assert torch.equal(plain["pg"], token_terms(logp, old, ref, adv, CLIP, BETA, dual_clip=0)["pg"])
+    assert torch.equal(token_terms(logp, old, ref, adv, CLIP, BETA)["pg"],
+                       token_terms(logp, old, ref, adv, CLIP, BETA, dual_clip=3.0)["pg"])
+    assert float(plain["pg"].max()) > float((-adv * 3.0).max())  # what the dual clip removes
+    assert float(plain["dual_clipped"].sum()) == 0
+
+
+def test_dual_clip_in_the_megatron_loss_function_and_bad_values():
+    g = torch.Generator().manual_seed(4)
+    old = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 2 - 0.1
+    logp = old + 1.5  # ratio e^1.5 = 4.48 > 3 everywhere
+    adv = torch.tensor([-1.0, 2.0, -0.5, 0.5], dtype=torch.float64)
+    mask = torch.ones(4, 5, dtype=torch.float64)
+    step = GRPOStep(CLIP, 0.0)  # default c = 3
+    loss_sum, n, _ = step.loss({"old_logprobs": old, "ref_logprobs": old, "advantages": adv, "loss_mask": mask},
+                               -logp)
+    # negative advantages: -A * 3 (not -A * 4.48); positive: -A * 1.2 (PPO's clip)
+    want = 5 * (1.0 * 3 + 0.5 * 3 - 2.0 * 1.2 - 0.5 * 1.2)
+    assert abs(float(loss_sum) - want) < 1e-5 and int(n) == 20
+    stats = step.take_stats()
+    assert (float(stats[3]), float(stats[4])) == (10.0, 10.0)  # PPO clip on A > 0 rows, dual clip on A < 0 rows
+    for bad in (1.0, 0.5, -3.0):
+        with pytest.raises(ValueError, match=f"dual clip c = {bad} must be > 1"):
+            token_terms(logp, old, old, adv, CLIP, 0.0, dual_clip=bad)
 
 
 def test_advantages_hand_computed_and_against_trl_std():

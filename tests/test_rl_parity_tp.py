@@ -16,7 +16,7 @@ from instella_plugin.testing.olmoe_reference import build_olmoe, check_grads, ga
 
 pytestmark = pytest.mark.dist
 CFG = get_preset("instella-test", num_layers=2)
-SEQ, ROWS, NUM_MB, CLIP, BETA = 16, 3, 2, 0.2, 0.05  # a larger beta than Instella's so the KL term shows
+SEQ, ROWS, NUM_MB, CLIP, BETA, DUAL = 16, 3, 2, 0.2, 0.05, 3.0  # a larger beta than Instella's so the KL shows
 
 
 def _hf_logps(model, b):
@@ -41,13 +41,15 @@ def make_batches(cfg, hf_policy, seed=5):
         with torch.no_grad():
             true, _ = _hf_logps(model, b)
         b["old_logprobs"] = true + 0.3 * torch.randn(ROWS, SEQ, generator=g)
+        b["old_logprobs"][:, 5:7] -= 2.0  # ratios near e^2 > 3: the dual clip bounds those of negative advantages
         b["ref_logprobs"] = true + 0.3 * torch.randn(ROWS, SEQ, generator=g)
         batches.append(b)
     return batches
 
 
 def reference_grpo(cfg, hf_policy, batches):
-    """The GRPO loss in plain PyTorch: PPO-clip + beta * k3, averaged over every response token."""
+    """The GRPO loss in plain PyTorch: PPO-clip (dual-clipped at -A * c for A < 0, as VERL) + beta * k3, averaged
+    over every response token."""
     model = build_olmoe(cfg, hf_policy)
     total, tokens = 0.0, 0.0
     for b in batches:
@@ -55,6 +57,7 @@ def reference_grpo(cfg, hf_policy, batches):
         ratio = torch.exp(logp - b["old_logprobs"])
         adv = b["advantages"][:, None]
         pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - CLIP, 1 + CLIP))
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * DUAL), pg)
         kl = torch.exp(b["ref_logprobs"] - logp) - (b["ref_logprobs"] - logp) - 1
         total = total + ((pg + BETA * kl) * b["loss_mask"]).sum()
         tokens += b["loss_mask"].sum()
@@ -80,7 +83,7 @@ def _worker(cfg, hf_policy, batches):
         b = batches[0]
         logits = unwrap(model[0])(b["tokens"], b["position_ids"], None)
         scored = vocab_parallel_logprobs_and_entropy(logits, b["labels"], ps.get_tensor_model_parallel_group())
-    step = GRPOStep(CLIP, BETA)
+    step = GRPOStep(CLIP, BETA, DUAL)
     reports = run_forward_backward(model, batches, seq_length=SEQ, micro_batch_size=ROWS, num_microbatches=NUM_MB,
                                    step=step)
     total = torch.stack([r["lm loss"] for r in reports]).sum(0)
@@ -98,6 +101,7 @@ def _worker(cfg, hf_policy, batches):
     plain = LiveModelSampler(model, tok, cfg.padded_vocab_size, torch.device("cpu")).generate(prompts, params)
     engine = MegatronGenerator(model[0], tok, max_sequence_length=SEQ).generate(prompts, params)
     return dict(loss=(total[0] / total[1]).item(), tokens=total[1].item(), clipped=float(stats[3] / stats[0]),
+                dual_clipped=float(stats[4]),
                 grads=gather_hf(model, cfg, "main_grad"), logp=scored[0], entropy=scored[1],
                 plain=[c.tokens for c in plain], engine=[c.tokens for c in engine])
 
@@ -110,6 +114,7 @@ def test_grpo_update_gradients_match_plain_pytorch_on_transformers_at_tp2():
     got = res[0]
     assert got["tokens"] == sum(float(b["loss_mask"].sum()) for b in batches)
     assert 0.05 < got["clipped"] < 0.95  # both branches of the clip are exercised
+    assert got["dual_clipped"] > 0  # and the dual clip
     check_grads(got["grads"], ref_grads, got["loss"], ref_loss)  # the shared helper: every tensor present
     worst = max(float((got["grads"][k] - g).abs().max()) / (float(g.abs().max()) + 1e-12) for k, g in ref_grads.items())
     print(f"GRPO at TP=2 vs plain PyTorch: loss {got['loss']:.8f} vs {ref_loss:.8f}; worst gradient error "

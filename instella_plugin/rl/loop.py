@@ -207,7 +207,7 @@ def grpo(run, plugin, settings: GRPOSettings, reward_fn: Callable[[str, str], fl
             rollouts=len(rollouts), reward_sum=sum(rewards), reward_sq_sum=sum(r * r for r in rewards),
             correct=sum(1 for r in rewards if r == 1.0), response_tokens=sum(rollouts.response_lengths),
             clipped=sum(rollouts.clipped), entropy_sum=rollouts.entropy_sum, train_tokens=stats[0], pg_sum=stats[1],
-            kl_sum=stats[2], clip_count=stats[3], response_max=max(rollouts.response_lengths),
+            kl_sum=stats[2], clip_count=stats[3], dual_clip_count=stats[4], response_max=max(rollouts.response_lengths),
             sequence_tokens=sum(len(q) for q in rollouts.sequences)).reduced(dp_group)
         timing = {"rollout_s": t_rollout - t_start, "score_s": t_scored - t_rollout, "update_s": t_end - t_scored,
                   "rollout_tokens_per_s": totals.response_tokens / max(t_rollout - t_start, 1e-9),

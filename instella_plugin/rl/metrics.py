@@ -33,6 +33,7 @@ class StepTotals:
     pg_sum: float = 0.0
     kl_sum: float = 0.0
     clip_count: float = 0.0         # tokens whose PPO clip was active
+    dual_clip_count: float = 0.0    # tokens (negative advantage) whose loss the dual clip bounded
     response_max: float = 0.0
 
     def reduced(self, group) -> "StepTotals":
@@ -50,7 +51,8 @@ class StepTotals:
                 "accuracy": self.correct / n, "response_length_mean": self.response_tokens / n,
                 "response_length_max": self.response_max, "response_clipped_fraction": self.clipped / n,
                 "entropy": self.entropy_sum / max(self.response_tokens, 1.0), "kl": self.kl_sum / t,
-                "pg_loss": self.pg_sum / t, "clip_fraction": self.clip_count / t}
+                "pg_loss": self.pg_sum / t, "clip_fraction": self.clip_count / t,
+                "dual_clip_fraction": self.dual_clip_count / t}
 
 
 class GRPOLog:

@@ -21,6 +21,9 @@ def add_grpo_arguments(parser) -> None:
     g.add_argument("--grpo-kl-beta", type=float, default=0.001,
                    help="coefficient of the k3 KL loss to the frozen reference model (0 turns it off)")
     g.add_argument("--grpo-clip-eps", type=positive_float, default=0.2, help="PPO clip range of the ratio")
+    g.add_argument("--grpo-dual-clip", type=float, default=3.0,
+                   help="dual-clip bound c: a token with a negative advantage A loses at most -A * c (VERL's "
+                        "clip_ratio_c, default 3; must be > 1; 0 turns it off)")
     g.add_argument("--grpo-temperature", type=positive_float, default=1.0, help="rollout sampling temperature")
     g.add_argument("--grpo-max-prompt-tokens", type=positive_int, default=512,
                    help="longer prompts are filtered out (and counted)")
@@ -46,6 +49,7 @@ class GRPOSettings:
     prompts_per_step: int
     kl_beta: float
     clip_eps: float
+    dual_clip: float  # 0: off
     temperature: float
     max_prompt_tokens: int
     max_response_tokens: int
@@ -89,5 +93,8 @@ class GRPOSettings:
         if train_iters % self.updates_per_step:
             raise ValueError(f"--train-iters {train_iters} counts optimizer updates; a GRPO step makes "
                              f"{self.updates_per_step}: give a multiple of it (steps x {self.updates_per_step})")
+        if self.dual_clip != 0 and not self.dual_clip > 1:
+            raise ValueError(f"--grpo-dual-clip {self.dual_clip}: the dual clip bounds -A * ratio for ratios above c, "
+                             "so c must be > 1 (VERL's default is 3); give 0 to turn it off")
         if self.kl_beta < 0:
             raise ValueError(f"--grpo-kl-beta {self.kl_beta} must be >= 0")
