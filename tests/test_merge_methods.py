@@ -139,6 +139,42 @@ def test_parity_with_mergekit_on_random_tensors(shape):
     assert all(v <= TOL for v in errors.values()), errors
 
 
+@pytest.mark.parametrize("n", [9, 17])
+def test_consensus_over_many_inputs_and_chunks_equals_mergekit(monkeypatch, n):
+    """TIES' consensus with more than 7 inputs (its agreement bits span two and three bytes per element)
+    on a tensor of many element-wise steps (the last one partial), against mergekit."""
+    from instella_plugin.hf import merge_methods
+
+    monkeypatch.setattr(merge_methods, "CHUNK", 100)  # 1,073 elements: 11 steps
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(37, 29, generator=g)
+    xs = [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(n)]
+    w, dens = [0.2 + 0.1 * i for i in range(n)], [0.3 + 0.6 * i / n for i in range(n)]
+    errors = {}
+    for normalize in (True, False):
+        got = ours("ties", xs, base, weights=w, density=dens, normalize=normalize, lam=0.8)
+        errors[f"ties {normalize}"] = (got - mk_task("ties", base, xs, w, dens, normalize, lam=0.8)).abs().max()
+        got = ours("dare", xs, base, name="blk.w", weights=w, density=dens, normalize=normalize, combine="ties",
+                   rescale="l1", seed=5)
+        torch.manual_seed(tensor_seed(5, "blk.w"))
+        want = mk_task("dare_ties", base, xs, w, dens, normalize, rescale=True)
+        errors[f"dare_ties {normalize}"] = (got - want).abs().max()
+    assert all(v <= TOL for v in errors.values()), errors
+
+
+def test_half_width_base_and_inputs_equal_their_fp32_copies():
+    """A bf16 base stays bf16 (subtracted and added back block by block): bitwise the merge of fp32 copies."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(64, 48, generator=g).bfloat16()
+    xs = [(base.float() + 0.1 * torch.randn(64, 48, generator=g)).bfloat16() for _ in range(3)]
+    up = [x.float() for x in xs]
+    for method, kw in (("ties", dict(density=[0.4, 0.6, 0.8])), ("dare", dict(density=[0.5] * 3, seed=1)),
+                       ("dare", dict(density=[0.5] * 3, seed=1, combine="ties"))):
+        got = ours(method, xs, base, weights=[1.0, 2.0, 0.5], lam=0.9, **kw)
+        want = ours(method, up, base.float(), weights=[1.0, 2.0, 0.5], lam=0.9, **kw)
+        assert got.dtype == torch.float32 and torch.equal(got, want), (method, kw)
+
+
 # ---- mergekit on small HF checkpoints ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

@@ -60,6 +60,14 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
+def releasable(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a copy of it when its storage cannot be freed early. A checkpoint reader's tensor may live
+    in a fixed-size storage (``torch.load``'s); a merged tensor built in one could not be released by the
+    Megatron writer once written (``write_dist_checkpoint`` resizes it to zero), so it would stay in memory
+    while the next tensor is merged. The copy is made while no other input of the tensor is held."""
+    return x if x.untyped_storage().resizable() else x.clone()
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """The seed of one tensor's DARE masks: independent of the order tensors are merged in."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
@@ -107,11 +115,17 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = SLE
 
 
 # ---- task vectors ---------------------------------------------------------------------------------
+def _spans(numel: int):
+    """(start, stop) of the ``CHUNK``-element steps over ``numel`` elements."""
+    for start in range(0, numel, CHUNK):
+        yield start, min(start + CHUNK, numel)
+
+
 def _chunks(t: torch.Tensor):
     """Flat views of ``CHUNK`` elements of a contiguous tensor: element-wise work without full-size temporaries."""
     flat = t.view(-1)
-    for start in range(0, flat.numel(), CHUNK):
-        yield flat[start:start + CHUNK]
+    for start, stop in _spans(flat.numel()):
+        yield flat[start:stop]
 
 
 def kth_largest_abs(x: torch.Tensor, k: int) -> float:
@@ -173,7 +187,11 @@ def _deltas(plan: TensorPlan, name: str, read: Read, base: torch.Tensor, thresho
     (``thresholds``: TIES' trim thresholds, found on the first pass and reused on the second)."""
     gen = torch.Generator().manual_seed(tensor_seed(plan.seed, name)) if plan.method == "dare" else None
     for i, w in enumerate(plan.weights):
-        d = fp32(read(i)).sub_(base)
+        d = fp32(read(i))
+        if base.dtype == torch.float32:
+            d.sub_(base)
+        else:  # a base kept in its own dtype: subtracted block by block (no full-size fp32 copy)
+            add_scaled_(d, base, -1.0)
         if plan.method == "ties":
             thresholds[i] = trim_(d, plan.density[i], thresholds.get(i))
         elif plan.method == "dare":
@@ -185,45 +203,72 @@ def _deltas(plan: TensorPlan, name: str, read: Read, base: torch.Tensor, thresho
 
 
 def task_vectors(plan: TensorPlan, name: str, read: Read, read_base: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """TIES or DARE (linear or TIES combination) of one tensor against the base; fp32."""
-    base = fp32(read_base())  # never changed in place
+    """TIES or DARE (linear or TIES combination) of one tensor against the base; fp32.
+
+    Memory, in fp32 copies of the tensor: the base (in its stored dtype), the running sum and one task
+    vector: 3 (with a base of half the width: 2.5); TIES' consensus adds (n + 1) / 8 bytes per element
+    for n inputs (one bit per input and one for the elected sign), a quarter copy for up to 7 inputs."""
+    base = read_base()  # kept in its dtype and never changed in place
+    if not base.is_floating_point():
+        raise ValueError("a non-floating-point base tensor cannot be merged")
     consensus = plan.method == "ties" or plan.combine == "ties"
     thresholds = {}
-    if not consensus:  # one pass: base + lambda * sum w_i d_i [/ sum w_i]
-        merged = torch.zeros_like(base)
-        for _, d in _deltas(plan, name, read, base, thresholds):
-            merged.add_(d)
-            del d
+    merged = torch.zeros(base.shape, dtype=torch.float32)
+    for _, d in _deltas(plan, name, read, base, thresholds):  # pass 1: sum_i w_i d_i
+        merged.add_(d)
+        del d
+    if not consensus:  # base + lambda * sum w_i d_i [/ sum w_i]
         total = sum(plan.weights)
         if plan.normalize and abs(total) >= 1e-8:
             merged.div_(total)
     else:
-        # pass 1: the elected sign of sum_i w_i d_i (>= 0 counts as +)
-        divisor = torch.zeros_like(base)
-        for _, d in _deltas(plan, name, read, base, thresholds):
-            divisor.add_(d)
+        bits = _elect(merged, len(plan.weights))
+        merged.zero_()
+        for i, d in _deltas(plan, name, read, base, thresholds):  # pass 2: the inputs that agree
+            _add_agreeing(merged, bits, len(plan.weights), i, d)
             del d
-        # the divisor buffer carries the elected sign in its sign bit: +0.0 for +, -0.0 for - (then it
-        # accumulates -w_i there), so no separate sign mask is held in pass 2
-        for c in _chunks(divisor):
-            c.copy_(torch.where(c >= 0, 0.0, -0.0))
-        # pass 2: disjoint mean over the inputs whose sign agrees with the elected one
-        merged = torch.zeros_like(base)
-        for i, d in _deltas(plan, name, read, base, thresholds):
-            for m, dv, x in zip(_chunks(merged), _chunks(divisor), _chunks(d)):
-                negative = torch.signbit(dv)
-                agree = torch.where(negative, x < 0, x > 0)
-                m.add_(x * agree)
-                dv.add_(torch.where(negative, -agree.float(), agree.float()), alpha=plan.weights[i])
-            del d
-        divisor.abs_()
         if plan.normalize:
-            divisor[divisor == 0] = 1.0
-            merged.div_(divisor)
-        del divisor
+            _divide_by_agreeing_weights(merged, bits, plan.weights)
+        del bits
     if plan.lam != 1.0:
         merged.mul_(plan.lam)
-    return merged.add_(base)
+    if base.dtype == torch.float32:
+        return merged.add_(base)
+    add_scaled_(merged, base, 1.0)
+    return merged
+
+
+# TIES' consensus state, one bit per element per plane: bit i % 8 of plane i // 8 says input i agrees with
+# the elected sign; bit n % 8 of plane n // 8 says the elected sign is negative (n inputs).
+def _elect(total: torch.Tensor, n: int) -> torch.Tensor:
+    """The bit planes holding the elected sign of ``total`` (negative unless ``>= 0``: zero counts as +)."""
+    bits = torch.zeros(n // 8 + 1, total.numel(), dtype=torch.uint8)
+    plane, shift = divmod(n, 8)
+    for (start, stop), t in zip(_spans(total.numel()), _chunks(total)):
+        bits[plane, start:stop] = (~(t >= 0)).to(torch.uint8) << shift
+    return bits
+
+
+def _add_agreeing(merged: torch.Tensor, bits: torch.Tensor, n: int, i: int, d: torch.Tensor) -> None:
+    """``merged += d`` where the sign of ``d`` is the elected one (strictly), recording input i's agreement."""
+    sign_plane, sign_shift = divmod(n, 8)
+    plane, shift = divmod(i, 8)
+    for (start, stop), m, x in zip(_spans(merged.numel()), _chunks(merged), _chunks(d)):
+        negative = (bits[sign_plane, start:stop] >> sign_shift).bool()
+        agree = torch.where(negative, x < 0, x > 0)
+        m.add_(x * agree)
+        bits[plane, start:stop] |= agree.to(torch.uint8) << shift
+
+
+def _divide_by_agreeing_weights(merged: torch.Tensor, bits: torch.Tensor, weights: Sequence[float]) -> None:
+    """``merged /= |sum_i w_i [input i agrees]|`` (1 where that is 0), the sum taken in input order in fp32."""
+    for (start, stop), m in zip(_spans(merged.numel()), _chunks(merged)):
+        divisor = torch.zeros(stop - start, dtype=torch.float32)
+        for i, w in enumerate(weights):
+            divisor.add_(((bits[i // 8, start:stop] >> (i % 8)) & 1).float(), alpha=w)
+        divisor.abs_()
+        divisor.masked_fill_(divisor == 0, 1.0)
+        m.div_(divisor)
 
 
 def merge_tensor(plan: TensorPlan, name: str, read: Read,
@@ -232,7 +277,7 @@ def merge_tensor(plan: TensorPlan, name: str, read: Read,
     if plan.method == "linear":
         return linear(read, plan.weights)
     if plan.method == "slerp":
-        a = read(0)
+        a = releasable(fp32(read(0)))  # the result is built in it
         return slerp(plan.t, a, read(1), inplace=True)
     if plan.method in ("ties", "dare"):
         if read_base is None:
