@@ -58,7 +58,7 @@ def seeds(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("soup_cmd")
     write_model(root / "A", "instella", seed=3)
-    for name, value in VALUES.items():
+    for name in VALUES:
         if name != "A":
             os.makedirs(root / name)
             for f in os.listdir(root / "A"):

@@ -14,7 +14,8 @@ number of inputs:
   with the k-th magnitude is kept); weight ``w_i``; elect the sign of ``sum_i w_i trim(d_i)`` per element
   (zero counts as +); disjoint mean: ``sum_i w_i trim(d_i) [agrees] / sum_i w_i [agrees]`` (``normalize``;
   0 where no input agrees); result ``base + lambda * merged``. Two passes over the inputs (sign, then
-  mean) so that only one task vector is in memory at a time.
+  mean) so that only one task vector is in memory at a time; between them the elected sign and each
+  input's agreement are bits (``(n + 1) / 8`` bytes per element), not fp32 buffers.
 - DARE (Yu et al. 2023): drop each element of ``d_i`` with probability ``1 - density`` (Bernoulli masks
   from a generator seeded by (seed, tensor name), drawn in input order, so a merge is reproducible),
   rescale the survivors (``inverse``: by ``1 / density`` as in the paper; ``l1``: to the L1 norm of
