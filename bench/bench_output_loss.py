@@ -188,6 +188,7 @@ def step_part(a) -> dict:
                    "--worker-out", path] + [f"--{k}={getattr(a, k)}" for k in (
                        "layers", "hidden", "heads", "ffn", "seq", "mbs", "vocab", "reps", "warmup")]
             cmd += ["--no-optimizer"] if not a.optimizer else []
+            cmd += [f"--device={a.device}"]
             cmd += ["--bf16"] if a.bf16 else []
             subprocess.run(cmd, check=True, cwd=tmp, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             with open(path) as f:
@@ -213,8 +214,8 @@ class PhaseClock:
 
     NAMES = ("transformer forward", "output+loss forward", "output+loss backward", "transformer backward")
 
-    def __init__(self, decoder: torch.nn.Module, model: torch.nn.Module):
-        self.marks, self.totals = [], {}
+    def __init__(self, decoder: torch.nn.Module, model: torch.nn.Module, device: str = "cpu"):
+        self.marks, self.totals, self.device = [], {}, device
 
         def decoder_done(module, args, output):
             self.mark()
@@ -226,6 +227,8 @@ class PhaseClock:
         model.register_forward_hook(lambda *unused: self.mark())
 
     def mark(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
         self.marks.append((time.perf_counter(), time.process_time()))
 
     def run(self, fn):
@@ -258,6 +261,7 @@ def step_worker(a) -> None:
                       LOCAL_RANK="0")
     a.tp_size = 1
     base = trainer_argv(a, "instella") + (["--bf16"] if a.bf16 else [])
+    base[base.index("--device") + 1] = a.device
     run = parse_args(base)[0]
     device = initialize_distributed(run)
     if a.step_variant == "plain loop":
@@ -270,7 +274,7 @@ def step_worker(a) -> None:
         v = MegatronVariant(base + [a.step_variant], device)
         t = v.trainer
         model = unwrap(t.model[0])
-        clock = PhaseClock(model.decoder, model)
+        clock = PhaseClock(model.decoder, model, a.device)
 
         def fwd_bwd():
             for m in t.model:
@@ -285,8 +289,8 @@ def step_worker(a) -> None:
         if a.optimizer:
             opt()
     clock.totals = {}
-    t_fb, c_fb, peak, process_peak = measure(lambda: clock.run(fwd_bwd), a.reps, with_process_peak=True)
-    t_opt, c_opt, _ = measure(opt, 1) if a.optimizer else (0.0, 0.0, 0.0)
+    t_fb, c_fb, peak, process_peak = measure(lambda: clock.run(fwd_bwd), a.reps, a.device, with_process_peak=True)
+    t_opt, c_opt, _ = measure(opt, 1, a.device) if a.optimizer else (0.0, 0.0, 0.0)
     res = {"forward_backward_s": t_fb, "forward_backward_cpu_s": c_fb, "optimizer_s": t_opt,
            "optimizer_cpu_s": c_opt, "peak_mib": peak, "process_peak_mib": process_peak, "phases": clock.medians()}
     print(f"  {a.step_variant:<24} forward-backward {t_fb:7.2f} s (CPU {c_fb:7.2f} s)  optimizer {t_opt:5.2f} s "
@@ -303,10 +307,9 @@ def _hf_loop(a, dataset):
     from instella_plugin.training.datasets import to_torch_batch
 
     v = HFLoopVariant(a, dataset, "sdpa")
-    if a.bf16:
-        v.model.to(torch.bfloat16)
-    batch = to_torch_batch([dataset[i] for i in range(a.mbs)])
-    clock = PhaseClock(v.model.model, torch.nn.Identity())
+    v.model.to(device=a.device, dtype=torch.bfloat16 if a.bf16 else torch.float32)
+    batch = {k: t.to(a.device) for k, t in to_torch_batch([dataset[i] for i in range(a.mbs)]).items()}
+    clock = PhaseClock(v.model.model, torch.nn.Identity(), a.device)
 
     def fwd_bwd():
         v.opt.zero_grad(set_to_none=True)
@@ -330,7 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=["op", "step"], default="op")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunks", type=int, nargs="*", help="fused chunk sizes in tokens (default: the automatic one)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="op part: where it runs")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where it runs")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="op part: hidden and weight dtype")
     add_shape_args(ap)
     ap.add_argument("--vocab", type=int, default=50304)
