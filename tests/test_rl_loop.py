@@ -5,6 +5,8 @@ The toy task (the tests generate it): prompts "Q: a+b=" from the real tokenizer,
 tiny Instella, and a dense reward the untrained policy can already find (the share of response tokens
 that are numbers: about 4 % of the vocabulary), so that a few dozen GRPO updates visibly move it. The
 math reward itself is covered by ``test_rl_reward.py``; here the loop takes its reward as a parameter.
+The learning test instead trains on arithmetic identities ("37+0=", "0*12=") with the math reward and
+measures `instella eval` pass@1 on held-out problems of the same forms (``IDENTITY_FORMS`` below).
 """
 import json
 import os
@@ -45,6 +47,7 @@ def _grpo_args(prompts, *extra):
 # ---- bad input: refused while the arguments are read ---------------------------------------------------
 @pytest.mark.parametrize("change,message", [
     ({"--grpo-group-size": "1"}, "at least 2 rollouts per prompt"),
+    ({"--grpo-dual-clip": "0.5"}, "--grpo-dual-clip 0.5: .* c must be > 1 .*give 0 to turn it off"),
     ({"--grpo-prompts-per-step": "6"}, "a mini-batch of 4 prompts .* does not divide --grpo-prompts-per-step 6"),
     ({"--global-batch-size": "30"}, "--global-batch-size 30 .* is not a multiple of --grpo-group-size 8"),
     ({"--grpo-max-response-tokens": "60"}, "16 \\+ --grpo-max-response-tokens 60 = 76 is beyond the context"),
@@ -148,10 +151,36 @@ def _save_initial(argv, path):
     Trainer(run, plugin).save()
 
 
-def _sft_on_noisy_answers(prompts, path, steps=40):
-    """A brief SFT of the tiny model (LM objective, Trainer.train_step on our own batches) on "\\boxed{N}"
-    answers that are right for half the samples and one too large for the other half, saved to ``path``:
-    a policy that answers each prompt about 50 % correctly, which GRPO with the math reward can sharpen."""
+# The learning task: identities of arithmetic ("37+0=", "0*12=", "5-5=", ...), 8 forms x the numbers 2..49, whose
+# answer is one of the operands or 0 (numbers below 100 are single tokens, the same in prompt and answer).
+# The skill is shared across problems (per form: which operand, or 0), so a policy that learns it on the training
+# problems answers the held-out ones (other numbers in the same forms) alike; 288 training problems are more than
+# the 16 x 8 prompts GRPO sees, so it cannot memorise them. Each form's wrong answer is its other operand.
+IDENTITY_FORMS = (("{a}+0=", "a", "0"), ("0+{a}=", "a", "0"), ("{a}-0=", "a", "0"), ("{a}*1=", "a", "1"),
+                  ("1*{a}=", "a", "1"), ("{a}*0=", "0", "a"), ("0*{a}=", "0", "a"), ("{a}-{a}=", "0", "a"))
+
+
+def _write_identity_problems(train_path, held_out_path, held_out_share=4):
+    """All 384 problems in a seeded order; every ``held_out_share``-th is held out (a quarter: 96), the rest
+    (288) train. Rows carry the answer and the form's wrong answer (the noisy SFT's other target)."""
+    import random
+
+    rows = [{"prompt": f.format(a=a), "answer": str(a) if right == "a" else right,
+             "wrong": str(a) if wrong == "a" else wrong} for a in range(2, 50) for f, right, wrong in IDENTITY_FORMS]
+    random.Random(0).shuffle(rows)
+    held = rows[::held_out_share]
+    train = [r for i, r in enumerate(rows) if i % held_out_share]
+    for path, part in ((train_path, train), (held_out_path, held)):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return str(train_path), str(held_out_path)
+
+
+def _sft_on_noisy_answers(prompts, path, steps=100, batch=64):
+    """A brief SFT of the tiny model (LM objective, Trainer.train_step on our own batches, ``batch`` sequences
+    drawn at random each step) on "\\boxed{N}" answers that are right for half the samples and the form's wrong
+    answer for the other half, saved to ``path``: a policy that answers about 50 % correctly at best (about
+    40 % after this many steps), which GRPO with the math reward can sharpen."""
     from instella_plugin.data.tokenizer import load_tokenizer
     from instella_plugin.training.trainer import Trainer
 
@@ -159,7 +188,7 @@ def _sft_on_noisy_answers(prompts, path, steps=40):
     rows = [json.loads(line) for line in open(prompts, encoding="utf-8")]
     seqs = []
     for row in rows:
-        for answer in (int(row["answer"]), int(row["answer"]) + 1):
+        for answer in (row["answer"], row["wrong"]):
             p, r = tok.encode(row["prompt"]), tok.encode(f"\\boxed{{{answer}}}") + [tok.eos_token_id]
             seqs.append((p + r, len(p)))
     width = max(len(q) for q, _ in seqs) - 1
@@ -169,51 +198,71 @@ def _sft_on_noisy_answers(prompts, path, steps=40):
     for i, (q, n) in enumerate(seqs):
         tokens[i, :len(q) - 1], labels[i, :len(q) - 1] = torch.tensor(q[:-1]), torch.tensor(q[1:])
         mask[i, n - 1:len(q) - 1] = 1.0
-    batch = dict(tokens=tokens, labels=labels, loss_mask=mask, position_ids=torch.arange(width).expand(len(seqs), -1))
+    positions = torch.arange(width).expand(batch, -1)
     run, plugin = parse_args(MODEL + ["--mock-data", "--lr", "1e-2", "--train-iters", str(steps), "--global-batch-size",
-                                      str(len(seqs)), "--micro-batch-size", str(len(seqs)), "--save", path])
+                                      str(batch), "--micro-batch-size", str(batch), "--save", path])
     trainer = Trainer(run, plugin)
-    losses = [trainer.train_step([batch])["loss"] for _ in range(steps)]
+    g = torch.Generator().manual_seed(1)  # the same draws on every rank
+    losses = []
+    for _ in range(steps):
+        pick = torch.randperm(len(seqs), generator=g)[:batch]
+        losses.append(trainer.train_step([dict(tokens=tokens[pick], labels=labels[pick], loss_mask=mask[pick],
+                                               position_ids=positions)])["loss"])
     trainer.save()
     return losses
 
 
+GRPO_STEPS = 24
+# Observed (this seed, 2-core CPU): held-out pass@1 0.306 at the SFT start -> 0.411 after 24 steps (lr 1e-3, 16
+# prompts a step); lr 2e-3 for 32 steps gave 0.395, lr 3e-3 with 8 prompts a step for 32 steps 0.419 (unstable).
+HELD_OUT_RISE = 0.06
+
+
 def _learning_worker(prompts, out):
+    import time
+
+    t0 = time.time()
     init = os.path.join(out, "sft")
     sft_losses = _sft_on_noisy_answers(prompts, init)
+    t1 = time.time()
     from instella_plugin.rl.loop import grpo
 
-    run, plugin = parse_args(_grpo_args(prompts, "--train-iters", 2 * 16, "--finetune", "--pretrained-checkpoint", init,
-                                        "--save", os.path.join(out, "run"), "--grpo-samples-interval", "8",
-                                        "--grpo-max-response-tokens", "8", "--lr", "1e-3"))
+    run, plugin = parse_args(_grpo_args(prompts, "--train-iters", 2 * GRPO_STEPS, "--finetune", "--pretrained-checkpoint",
+                                        init, "--save", os.path.join(out, "run"), "--grpo-samples-interval", "8",
+                                        "--grpo-max-response-tokens", "8", "--lr", "1e-3",
+                                        "--grpo-prompts-per-step", "16", "--global-batch-size", "64"))
     res = grpo(run, plugin, plugin.grpo_settings(run))  # the math reward (DeepScaleR's rule)
     records = {k: {s: r[k] for s, r in res["records"].items()} for k in ("accuracy", "reward_mean", "kl")}
-    return {"sft_losses": sft_losses[::10], **records}
+    return {"sft_losses": sft_losses[::10], "sft_s": t1 - t0, "grpo_s": time.time() - t1, **records}
 
 
 @pytest.mark.slow
-def test_accuracy_rises_over_a_tiny_sft_then_grpo_run_at_tp2(tmp_path):
-    prompts = _write_prompts(tmp_path / "p.jsonl")
+def test_held_out_accuracy_rises_over_a_tiny_sft_then_grpo_run_at_tp2(tmp_path):
+    prompts, held_out = _write_identity_problems(tmp_path / "train.jsonl", tmp_path / "held_out.jsonl")
+    train_prompts = {json.loads(line)["prompt"] for line in open(prompts)}
+    assert len(train_prompts) == 288 and not train_prompts & {json.loads(line)["prompt"] for line in open(held_out)}
     rank0, _ = run_distributed(_learning_worker, 2, prompts, str(tmp_path), tp=2)
     acc = rank0["accuracy"]
-    first, last = sum(acc[s] for s in (1, 2, 3)) / 3, sum(acc[s] for s in (14, 15, 16)) / 3
-    print(f"SFT loss every 10 steps: {[round(x, 3) for x in rank0['sft_losses']]}")
-    print(f"training accuracy (math reward) by step: {[round(acc[s], 3) for s in sorted(acc)]}")
-    print(f"steps 1-3: {first:.3f}; steps 14-16: {last:.3f}")
-    assert 0.2 < first < 0.8  # the noisy SFT leaves both answers likely
-    assert last > first + 0.15, acc
+    first = sum(acc[s] for s in range(1, 5)) / 4
+    last = sum(acc[s] for s in range(GRPO_STEPS - 7, GRPO_STEPS + 1)) / 8  # 16 x 8 fresh rollouts a step: noisy
+    print(f"SFT {rank0['sft_s']:.0f} s, loss every 10 steps: {[round(x, 3) for x in rank0['sft_losses']]}")
+    print(f"GRPO {rank0['grpo_s']:.0f} s; training accuracy (math reward) by step: {[round(acc[s], 3) for s in sorted(acc)]}")
+    print(f"steps 1-4: {first:.3f}; steps {GRPO_STEPS - 7}-{GRPO_STEPS}: {last:.3f}")
+    assert 0.2 < first < 0.6  # the noisy SFT leaves both answers likely
+    assert last > first + 0.12, acc
     assert rank0["reward_mean"] == acc  # the rule reward is 0/1: its mean is the accuracy
     assert all(v >= 0 for v in rank0["kl"].values()) and max(rank0["kl"].values()) > 0
     log = [json.loads(line) for line in open(tmp_path / "run" / "grpo_log.jsonl")]
-    assert [r["step"] for r in log] == list(range(1, 17))
+    assert [r["step"] for r in log] == list(range(1, GRPO_STEPS + 1))
     samples = [json.loads(line) for line in open(tmp_path / "run" / "grpo_rollouts.jsonl")]
-    assert {s["step"] for s in samples} == {1, 8, 16} and len(samples) == 3 * 64
-    assert all(s["reward"] in (0.0, 1.0) for s in samples)
+    assert {s["step"] for s in samples} == {1, 8, 16, 24} and len(samples) == 4 * 128
+    assert all(s["reward"] in (0.0, 1.0) for s in samples) and {s["prompt"] for s in samples} <= train_prompts
     assert os.path.getsize(tmp_path / "run" / "grpo_curves.png") > 0
-    # `instella eval` on both checkpoints: pass@1 over 8 fresh samples of the same problems (math checker)
-    before, after = (_eval_pass_at_1(tmp_path, tmp_path / name, prompts) for name in ("sft", "run"))
-    print(f"instella eval pass@1 (8 samples per problem): SFT start {before:.3f}, after GRPO {after:.3f}")
-    assert after > before + 0.15
+    # `instella eval` on both checkpoints: pass@1 over 8 samples of each of the 96 HELD-OUT problems (math checker)
+    before, after = (_eval_pass_at_1(tmp_path, tmp_path / name, held_out) for name in ("sft", "run"))
+    print(f"held-out instella eval pass@1 (96 problems x 8 samples): SFT start {before:.3f}, after GRPO {after:.3f}")
+    assert 0.2 < before < 0.6 and after > before + HELD_OUT_RISE
+
 
 
 def _eval_pass_at_1(tmp_path, checkpoint, prompts) -> float:
@@ -221,11 +270,11 @@ def _eval_pass_at_1(tmp_path, checkpoint, prompts) -> float:
     import sys
 
     data = tmp_path / "eval-data"
-    (data / "toy-add").mkdir(parents=True, exist_ok=True)
-    (data / "toy-add" / "test.jsonl").write_text(open(prompts, encoding="utf-8").read())
-    task = tmp_path / "toy-add.yaml"
-    task.write_text("name: toy-add\nversion: 1\noutput: generate\ndataset: {path: toy-add}\ntest_split: test\n"
-                    "chat: false\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{answer}}\"\n"
+    (data / "toy-identities").mkdir(parents=True, exist_ok=True)
+    (data / "toy-identities" / "test.jsonl").write_text(open(prompts, encoding="utf-8").read())
+    task = tmp_path / "toy-identities.yaml"
+    task.write_text("name: toy-identities\nversion: 1\noutput: generate\ndataset: {path: toy-identities}\n"
+                    "test_split: test\nchat: false\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{answer}}\"\n"
                     "generation: {max_new_tokens: 8, temperature: 1.0, n: 8, seed: 99}\nchecker: math\n"
                     "metrics: [pass@1]\n")
     out = tmp_path / f"eval-{os.path.basename(checkpoint)}.json"
@@ -235,7 +284,7 @@ def _eval_pass_at_1(tmp_path, checkpoint, prompts) -> float:
                           str(task), "--data-dir", str(data), "--output", str(out), "--dtype", "float32"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return json.load(open(out))["results"]["toy-add"]["metrics"]["pass@1"]
+    return json.load(open(out))["results"]["toy-identities"]["metrics"]["pass@1"]
 
 
 def _resume_worker(prompts, out):
