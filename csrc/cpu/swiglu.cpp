@@ -15,8 +15,8 @@ namespace instella {
 namespace cpu {
 namespace {
 
-// sigmoid(to_acc(g[i])), i < m, into s; the widened gate into gw where T is not float (else gw = g).
-// fp32 math (fp32 and bf16 tensors) takes the explicit vector sigmoid of the level (sigmoid.h).
+// s[i] = sigmoid(to_acc(g[i])), i < m, by the explicit vector sigmoid of the level (sigmoid.h; fp32
+// math: fp32 and bf16 tensors). Returns the gate in float: g itself for fp32, else gw, filled here.
 template <class T, class Tag>
 INSTELLA_INLINE const float* gate_sigmoid(Tag isa, const T* g, float* gw, float* s, int64_t m) {
   const float* gp = reinterpret_cast<const float*>(g);
