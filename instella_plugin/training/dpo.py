@@ -19,6 +19,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from instella_plugin.model.fused_output_loss import set_expected_loss_grad
 from instella_plugin.training import checkpointing
 from instella_plugin.training.model_setup import unwrap
 
@@ -62,6 +63,7 @@ class DPOStep:
         pairs = batch["chosen_tokens"].shape[0]
         tokens, labels, mask, positions = (torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
                                            for k in ("tokens", "labels", "loss_mask", "position_ids"))
+        set_expected_loss_grad([model], None)  # per-sequence token gradients: nothing to precompute
         output = model(tokens, positions, None, labels=labels)
         with torch.no_grad():
             ref_nll = self.reference(tokens, positions, None, labels=labels)
