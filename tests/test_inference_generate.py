@@ -144,14 +144,28 @@ def _hot_path(gen, batch, new):
     """What one ragged generate does per step: forward steps, the lengths RoPE is applied over (ours and
     megatron's own), and whether the CPU mode's function mode is on inside the model's forward."""
     import megatron.core.transformer.attention as attention
+    from megatron.core.tensor_parallel import layers, mappings
     from torch.overrides import _get_current_function_mode_stack
 
     from instella_plugin import cpu_mode
     from instella_plugin.inference import patches
     from instella_plugin.inference.api import SamplingParams
 
-    steps, rotated, megatron_rope, modes = [], [], [], []
+    steps, rotated, megatron_rope, modes, functions = [], [], [], [], []
     forward_step, rotate, apply_rope = gen.wrapper.run_one_forward_step, patches._rotate, attention.apply_rotary_pos_emb
+    tp_functions = (layers.LinearWithGradAccumulationAndAsyncCommunication, mappings._CopyToModelParallelRegion,
+                    mappings._ReduceFromModelParallelRegion)
+    applies = [f.apply for f in tp_functions]
+
+    def count(f, apply):
+        f.apply = staticmethod(lambda *a: functions.append(f.__name__) or apply(*a))
+
+    def restore():
+        for f in tp_functions:
+            del f.apply  # back to torch.autograd.Function.apply (none of them defines its own)
+
+    for f, apply in zip(tp_functions, applies):
+        count(f, apply)
     gen.wrapper.run_one_forward_step = lambda inputs: steps.append(inputs["tokens"].shape[1]) or forward_step(inputs)
     patches._rotate = lambda t, cos, sin: rotated.append(t.shape[0]) or rotate(t, cos, sin)
     attention.apply_rotary_pos_emb = lambda t, *a, **k: megatron_rope.append(t.shape[0]) or apply_rope(t, *a, **k)
@@ -161,8 +175,18 @@ def _hot_path(gen, batch, new):
     finally:
         hook.remove()
         gen.wrapper.run_one_forward_step, patches._rotate, attention.apply_rotary_pos_emb = forward_step, rotate, apply_rope
+        restore()
+    in_generate = list(functions)
+    tokens = torch.tensor([batch[-1]])
+    for f, apply in zip(tp_functions, applies):
+        count(f, apply)
+    try:
+        gen.model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)  # outside inference mode
+    finally:
+        restore()
     return dict(steps=steps, rotated=sorted(set(rotated)), megatron_rope=megatron_rope, modes_in_forward=set(modes),
-                cpu_mode=cpu_mode.is_enabled(), modes_after=len(_get_current_function_mode_stack()))
+                cpu_mode=cpu_mode.is_enabled(), modes_after=len(_get_current_function_mode_stack()),
+                tp_functions_in_generate=in_generate, tp_functions_outside=sorted(set(functions[len(in_generate):])))
 
 
 def _layout_worker(save_dir):
@@ -253,11 +277,15 @@ def test_ragged_batch_prefills_once_and_rotates_only_new_positions(run):
     """Prompts of 2..21 tokens: one prefill over the longest (left-padded), then one step per new token
     (megatron's loop alone forces the longer prompts one token a step: 19 more steps); RoPE is applied
     to the prefill's 21 positions and then to 1 position a step, never to the cache again; the forward
-    runs without the CPU mode's function mode, which is back afterwards."""
+    runs without the CPU mode's function mode, which is back afterwards, and without megatron's
+    tensor-parallel autograd Functions, which a forward outside inference mode still takes."""
     hot = run["out"]["hot_path"]
     assert hot["steps"] == [max(LENGTHS)] + [1] * 5
     assert hot["rotated"] == [1, max(LENGTHS)] and hot["megatron_rope"] == []
     assert hot["cpu_mode"] and hot["modes_in_forward"] == {0} and hot["modes_after"] >= 1
+    assert hot["tp_functions_in_generate"] == []
+    assert hot["tp_functions_outside"] == ["LinearWithGradAccumulationAndAsyncCommunication",
+                                           "_CopyToModelParallelRegion", "_ReduceFromModelParallelRegion"]
 
 
 def test_sampling_is_seeded_and_filters_behave(run):

@@ -10,7 +10,8 @@ different lengths share a batch (left-padded to the longest and read in one pref
 ``controller.py``); they are grouped by length so a batch wastes little. The wrapper
 (``InstellaInferenceWrapper``) hides each row's padding from attention and runs the forward steps
 without the CPU mode's function mode; RoPE is applied once per new position before keys are cached
-(``patches.ROPE``, applied on construction).
+(``patches.ENGINE``, applied on construction, which also runs megatron's tensor-parallel
+layers without their autograd Functions under ``torch.inference_mode``).
 
 Every tensor-parallel and pipeline rank calls ``generate`` with the same prompts and gets the same
 completions (logits are gathered over TP and broadcast from the last stage; every rank samples with
@@ -39,7 +40,7 @@ from instella_plugin import cpu_mode
 from instella_plugin.inference.api import Completion, Prompt, SamplingParams
 from instella_plugin.inference.controller import InstellaTextGenerationController, find_stop
 from instella_plugin.inference.megatron_tokenizer import MegatronTokenizerAdapter
-from instella_plugin.inference.patches import ROPE
+from instella_plugin.inference.patches import ENGINE
 from instella_plugin.inference.prompts import check_fits, prompt_ids
 from instella_plugin.inference.scoring import loglikelihood
 from instella_plugin.training.model_setup import unwrap
@@ -89,7 +90,7 @@ class MegatronGenerator:
             hidden_size=self.config.hidden_size, params_dtype=self.config.params_dtype,
             inference_batch_times_seqlen_threshold=-1, padded_vocab_size=self.vocab_size,
             inference_max_requests=self.max_batch_size, inference_max_seq_length=self.max_sequence_length)
-        ROPE.apply()  # RoPE once per new position (patches.py); changes only contexts the controller marks
+        ENGINE.apply()  # RoPE once per new position, no autograd Functions in inference mode (patches.py)
         self.wrapper = InstellaInferenceWrapper(self.model, self.wrapper_config, StaticInferenceContext(1, 1))
         self.controller = InstellaTextGenerationController(self.wrapper, MegatronTokenizerAdapter(tokenizer))
         self.controller.sample_vocab = min(len(tokenizer), self.vocab_size)

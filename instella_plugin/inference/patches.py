@@ -7,14 +7,16 @@ stderr for every batch. ``instella generate --prompt`` streams the completion to
 the bar would interleave with the text, so it applies this patch; a prompts file keeps the bar (its
 progress and ETA).
 
-``ROPE`` (applied by every ``MegatronGenerator``): ``static_cache_rotated_keys``. megatron-core 0.16.1
+``ENGINE`` (applied by every ``MegatronGenerator``): ``static_cache_rotated_keys``. megatron-core 0.16.1
 keeps keys unrotated in its static KV cache and rotates the whole cache again at every decode step
 (``Attention.forward`` after ``_adjust_key_value_for_inference``). For a context the generator's
 controller marks (``context.instella_rope``, a ``CachedRope``), the new queries and keys are rotated
 once, at their positions (each row's own position when its prompt is left-padded), with cos/sin
 computed once per step for all layers and with megatron's own arithmetic (bit for bit the same
 values), and the rotated keys are cached; megatron's later rotation is skipped. Any other context
-(scoring, other callers, training) takes megatron's path unchanged.
+(scoring, other callers, training) takes megatron's path unchanged. And three patches that, under
+``torch.inference_mode`` only, run the forward arithmetic of megatron's tensor-parallel autograd
+Functions (linear layers, TP copy and reduce) without ``Function.apply`` (see below).
 """
 import functools
 from typing import Optional
@@ -35,8 +37,8 @@ def _disabled_progress_bar(original):
 
 
 # ---- the generator's own: RoPE on the new positions only, and per-row positions for left padding ------
-ROPE = PatchRegistry("inference-rope", package="megatron-core", version="0.16.1",
-                     hint="update instella_plugin/inference/patches.py for the new code")
+ENGINE = PatchRegistry("inference-engine", package="megatron-core", version="0.16.1",
+                       hint="update instella_plugin/inference/patches.py for the new code")
 
 
 class CachedRope:
@@ -84,7 +86,7 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x if rest is None else torch.cat((x, rest), dim=-1)
 
 
-@ROPE.register("static_cache_rotated_keys", "megatron.core.transformer.attention",
+@ENGINE.register("static_cache_rotated_keys", "megatron.core.transformer.attention",
                "Attention._adjust_key_value_for_inference",
                signature=("self", "inference_context", "query", "key", "value", "rotary_pos_emb", "rotary_pos_cos",
                           "rotary_pos_sin", "rotary_pos_cos_sin", "sequence_len_offset", "inference_params"),
@@ -115,3 +117,51 @@ def _rotate_before_caching(original):
             sequence_len_offset, inference_params=inference_params)
         return query, key, value, None, mask_type, block_table
     return adjust
+
+
+# Under torch.inference_mode no graph is recorded, yet megatron's tensor-parallel layers still go through
+# their autograd Functions (Function.apply: a context object, functorch's wrapper checks) for every
+# linear layer and every copy/reduce of the tensor-parallel region: about 9 Function calls per layer and
+# step, a tenth of a small model's decode step on the CPU. In inference mode these run the Functions'
+# forward arithmetic directly (the same operations, so the same values); anything else is unchanged.
+_LAYERS = "megatron.core.tensor_parallel.layers"
+_WHY_FUNCTION = ("under torch.inference_mode the autograd Function adds only overhead (no graph is recorded); "
+                 "its forward's operations run directly, bit for bit the same; outside inference mode unchanged")
+
+
+@ENGINE.register("inference_linear_without_autograd", _LAYERS, "linear_with_grad_accumulation_and_async_allreduce",
+                 signature=("input", "weight", "bias", "gradient_accumulation_fusion", "allreduce_dgrad",
+                            "sequence_parallel", "grad_output_buffer", "wgrad_deferral_limit", "async_grad_allreduce",
+                            "tp_group"),
+                 reason="LinearWithGradAccumulationAndAsyncCommunication: " + _WHY_FUNCTION)
+def _linear_in_inference(original):
+    def linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+               grad_output_buffer=None, wgrad_deferral_limit=0, async_grad_allreduce=None, tp_group=None):
+        if sequence_parallel or not torch.is_inference_mode_enabled():
+            return original(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                            grad_output_buffer, wgrad_deferral_limit, async_grad_allreduce, tp_group)
+        output = torch.matmul(input, weight.t())
+        return output + bias if bias is not None else output
+    return linear
+
+
+@ENGINE.register("inference_tp_copy_without_autograd", _LAYERS, "copy_to_tensor_model_parallel_region",
+                 signature=("input_", "group"), reason="_CopyToModelParallelRegion (forward: the input): " + _WHY_FUNCTION)
+def _copy_in_inference(original):
+    def copy_to(input_, group=None):
+        return input_ if torch.is_inference_mode_enabled() else original(input_, group)
+    return copy_to
+
+
+@ENGINE.register("inference_tp_reduce_without_autograd", _LAYERS, "reduce_from_tensor_model_parallel_region",
+                 signature=("input_", "group"),
+                 reason="_ReduceFromModelParallelRegion (forward: all-reduce over TP): " + _WHY_FUNCTION)
+def _reduce_in_inference(original):
+    from megatron.core.tensor_parallel.mappings import _reduce
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    def reduce_from(input_, group=None):
+        if not torch.is_inference_mode_enabled():
+            return original(input_, group)
+        return _reduce(input_, get_tensor_model_parallel_group_if_none(group))
+    return reduce_from
