@@ -28,6 +28,7 @@ from megatron.core import parallel_state as ps
 from instella_plugin.data.tokenizer import load_tokenizer
 from instella_plugin.inference.api import SamplingParams
 from instella_plugin.inference.engine import MegatronGenerator
+from instella_plugin.model.fused_output_loss import set_expected_loss_grad
 from instella_plugin.rl.advantages import group_advantages
 from instella_plugin.rl.metrics import GRPOLog, StepTotals
 from instella_plugin.rl.objective import vocab_parallel_logprobs_and_entropy
@@ -149,6 +150,7 @@ def grpo(run, plugin, settings: GRPOSettings, reward_fn: Callable[[str, str], fl
     problems, too_long = load_problems(run.data.named[0], tokenizer, settings.prompt_key, settings.answer_key,
                                        settings.max_prompt_tokens, settings.chat_template)
     trainer = Trainer(run, plugin)
+    set_expected_loss_grad(trainer.model, None)  # per-token gradients follow the advantages: nothing to precompute
     step_fn = trainer.forward_step
     reference = dpo.build_reference(plugin, run, trainer.transformer_config, trainer.model, trainer.resumed_own_run,
                                     trainer.device)[0]
