@@ -90,6 +90,29 @@ def owns_main_grad(weight: torch.Tensor) -> bool:
     return hasattr(weight, "main_grad") and hasattr(weight, "grad_added_to_main_grad")
 
 
+class _ChunkBuffers:
+    """One [chunk, V_local] logits buffer (in the accumulation dtype, plus one in the input dtype when
+    that is narrower) for every chunk of a call: a chunk's logits are written into the buffer the
+    previous chunk's were dropped from. On the CPU a fresh tensor of this size is a fresh mmap whose
+    pages the OS zeroes on first touch (slower than the matmul's own writes); on a GPU it saves the
+    caching allocator nothing but costs nothing either."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, acc: torch.dtype, device):
+        self.acc = torch.empty(rows, cols, dtype=acc, device=device)
+        self.narrow = None if dtype == acc else torch.empty(rows, cols, dtype=dtype, device=device)
+
+    def logits(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``h @ weight.T`` in the accumulation dtype, in the buffer (a view of its first ``len(h)`` rows)."""
+        out = self.acc[:h.shape[0]]
+        if self.narrow is None:
+            return torch.mm(h, weight.t(), out=out)
+        return out.copy_(torch.mm(h, weight.t(), out=self.narrow[:h.shape[0]]))
+
+    def in_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (a view of the accumulation buffer) in the input dtype: itself, or rounded into the narrow buffer."""
+        return x if self.narrow is None else self.narrow[:x.shape[0]].copy_(x)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, group, chunk, precompute, into_main_grad, expected_grad):
@@ -116,10 +139,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         elif want_w and precompute and not into_main:
             grad_weight, pre_scale = torch.zeros(weight.shape, dtype=acc, device=weight.device), 1.0
         grad_hidden = torch.empty_like(hidden) if need_h else None
+        buffers = _ChunkBuffers(min(chunk, n), v_local, hidden.dtype, acc, hidden.device)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             h = hidden[s:e]
-            logits = (h @ weight.t()).to(acc)  # [c, V_local]
+            logits = buffers.logits(h, weight)  # [c, V_local]
             m = logits.max(dim=-1).values
             if world > 1:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -137,7 +161,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if need_h or grad_weight is not None:
                 logits.div_(se.unsqueeze(-1))  # softmax
                 logits[rows, local[s:e]] -= in_shard[s:e].to(logits.dtype)
-                dl = logits.to(hidden.dtype)
+                dl = buffers.in_dtype(logits)
                 del logits
                 if need_h:
                     torch.mm(dl, weight, out=grad_hidden[s:e])
@@ -192,10 +216,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 def _recompute(hidden, weight, local, in_shard, row_max, sum_exp, rows, w_weight, w_hidden, chunk, dw, dh):
     """Add the gradient rows ``rows`` again from the saved row max and sum-exp: into ``dw`` with the
     per-row weights ``w_weight``, into ``dh`` with ``w_hidden``."""
+    buffers = _ChunkBuffers(min(chunk, rows.numel()), weight.shape[0], hidden.dtype, row_max.dtype, hidden.device)
     for s in range(0, rows.numel(), chunk):
         idx = rows[s:s + chunk]
         h = hidden[idx]
-        logits = (h @ weight.t()).to(row_max.dtype)
+        logits = buffers.logits(h, weight)
         logits -= row_max[idx].unsqueeze(-1)
         logits.exp_()
         logits.div_(sum_exp[idx].unsqueeze(-1))
