@@ -66,8 +66,8 @@ INSTELLA_SIG_OPS(INSTELLA_TARGET_AVX512, __m512, __m512i, _mm512, 512, _mm512_fm
                  _mm512_fnmadd_ps(a, b, c), _mm512_rcp14_ps)
 #undef INSTELLA_SIG_OPS
 
-// s[i] = sigmoid(g[i]) for U * (bytes of V / 4) values from g, written to s (unaligned, may alias).
-template <class V, int U> INSTELLA_INLINE void sigmoid_vectors(const float* g, float* s) {
+// out[u] = sigmoid of the u-th vector of g, for U vectors (U * (bytes of V / 4) values, unaligned).
+template <class V, int U> INSTELLA_INLINE void sigmoid_regs(const float* g, V* out) {
   constexpr int W = int(sizeof(V) / sizeof(float));
   const V z{};
   V t[U], k[U], r[U], r2[U], a[U], b[U], c[U], d[U];
@@ -101,7 +101,29 @@ template <class V, int U> INSTELLA_INLINE void sigmoid_vectors(const float* g, f
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {  // 1 / d: the estimate e, then e + e (1 - d e)
     const V e = sig_rcp(d[u]);
-    sig_store(s + W * u, sig_fmadd(e, sig_fnmadd(d[u], e, sig_set1(z, 1.0f)), e));
+    out[u] = sig_fmadd(e, sig_fnmadd(d[u], e, sig_set1(z, 1.0f)), e);
+  }
+}
+
+// s[i] = sigmoid(g[i]) for U vectors of values from g, written to s (unaligned, may alias).
+template <class V, int U> INSTELLA_INLINE void sigmoid_vectors(const float* g, float* s) {
+  constexpr int W = int(sizeof(V) / sizeof(float));
+  V v[U];
+  sigmoid_regs<V, U>(g, v);
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) sig_store(s + W * u, v[u]);
+}
+
+// y[i] = g[i] * sigmoid(g[i]) * up[i] (SwiGLU's forward, rounded as (g * s) * up) for U vectors of
+// values, the sigmoid kept in registers.
+template <class V, int U> INSTELLA_INLINE void silu_mul_vectors(const float* g, const float* up, float* y) {
+  constexpr int W = int(sizeof(V) / sizeof(float));
+  const V z{};
+  V v[U];
+  sigmoid_regs<V, U>(g, v);
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    sig_store(y + W * u, sig_mul(sig_mul(sig_load(z, g + W * u), v[u]), sig_load(z, up + W * u)));
   }
 }
 
@@ -126,6 +148,23 @@ template <int L> INSTELLA_INLINE void sigmoid_block(IsaTag<L>, const float* g, f
     memcpy(s + i, pad, size_t(n - i) * sizeof(float));
   }
 }
+
+// y[i] = g[i] * sigmoid(g[i]) * up[i], i < n (y may not alias g or up). The last n mod step values go
+// through padded copies.
+template <int L> INSTELLA_INLINE void silu_mul_block(IsaTag<L>, const float* g, const float* up, float* y, int64_t n) {
+  using V = typename SigShape<L>::V;
+  constexpr int U = SigShape<L>::U;
+  constexpr int64_t step = U * int64_t(sizeof(V) / sizeof(float));
+  int64_t i = 0;
+  for (; i + step <= n; i += step) silu_mul_vectors<V, U>(g + i, up + i, y + i);
+  if (i < n) {
+    float pg[step] = {}, pu[step] = {}, py[step];
+    memcpy(pg, g + i, size_t(n - i) * sizeof(float));
+    memcpy(pu, up + i, size_t(n - i) * sizeof(float));
+    silu_mul_vectors<V, U>(pg, pu, py);
+    memcpy(y + i, py, size_t(n - i) * sizeof(float));
+  }
+}
 #pragma GCC diagnostic pop
 #else
 // Other architectures: the same formula, per element, with a division (the compiler vectorises it).
@@ -142,6 +181,12 @@ template <int L> INSTELLA_INLINE void sigmoid_block(IsaTag<L>, const float* g, f
     const float e = ((1.0f + r) + r2 * p) * bits_to_float(uint32_t(int32_t(k) + 127) << 23);
     s[i] = 1.0f / (1.0f + e);
   }
+}
+
+template <int L> INSTELLA_INLINE void silu_mul_block(IsaTag<L>, const float* g, const float* up, float* y, int64_t n) {
+  sigmoid_block(IsaTag<L>{}, g, y, n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = g[i] * y[i] * up[i];
 }
 #endif
 

@@ -43,6 +43,17 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, T* y
         const A gv = to_acc(g[i]);
         return to_dtype<T>(gv * sigmoid_acc(gv) * to_acc(u[i]));
       });
+    } else if constexpr (std::is_same<T, float>::value) {  // one vector pass: the sigmoid stays in registers
+      if (!stream) {
+        silu_mul_block(isa, g, u, y + r * f, f);
+        continue;
+      }
+      alignas(64) float stage[kStage];
+      for (int64_t i0 = 0; i0 < f; i0 += kStage) {
+        const int64_t m = f - i0 < kStage ? f - i0 : kStage;
+        silu_mul_block(isa, g + i0, u + i0, stage, m);
+        stream_bytes(isa, y + r * f + i0, stage, size_t(m) * sizeof(float));
+      }
     } else {
       for (int64_t i0 = 0; i0 < f; i0 += kStage) {
         const int64_t m = f - i0 < kStage ? f - i0 : kStage;
