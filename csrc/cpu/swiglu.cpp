@@ -29,8 +29,9 @@ INSTELLA_INLINE const float* gate_sigmoid(Tag isa, const T* g, float* gw, float*
   return gp;
 }
 
-// Rows [r0, r1); stream: write y with streaming stores (stream.h). Each row goes in blocks of kStage
-// values: the block's sigmoids first (in an L1 buffer), then the elementwise rest.
+// Rows [r0, r1); stream: write y with streaming stores (stream.h). fp32 rows go through
+// silu_mul_block (sigmoid.h: gate, sigmoid and up multiplied in registers, one pass); bf16 rows in
+// blocks of kStage values: the block's sigmoids first (in an L1 buffer), then the elementwise rest.
 template <class T, class Tag>
 INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, T* y, int64_t f, int64_t r0,
                               int64_t r1) {
