@@ -162,7 +162,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 logits.div_(se.unsqueeze(-1))  # softmax
                 logits[rows, local[s:e]] -= in_shard[s:e].to(logits.dtype)
                 dl = buffers.in_dtype(logits)
-                del logits
                 if need_h:
                     torch.mm(dl, weight, out=grad_hidden[s:e])
                 if grad_weight is not None:
