@@ -17,7 +17,13 @@ model's shape; ``--no-optimizer`` skips the optimizer (no Adam state: a larger m
 Peak memory on CPU is the process's resident high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``) above the resident size just before the measured call, after the C
 allocator has returned its free pages (``malloc_trim``): the memory the call adds; the process's own
-peak is recorded too. On a GPU, the caching allocator's peak above the allocated bytes before the call.
+peak is recorded too. The step part's workers run with glibc's mmap threshold fixed
+(``MALLOC_MMAP_THRESHOLD_``, ``--mmap-threshold``, 128 KiB): every block from that size on is its own
+mapping, returned when freed, so the resident size follows the live tensors. With glibc's own, moving
+threshold, freed blocks stay in the heap and the same transformer forward measured 1.9-2.7 GiB from
+one process to the next; the fixed threshold costs time (fresh pages for every tensor), so compare
+phase times within one setting. The per-phase peaks show where a step's peak sits.
+On a GPU, the caching allocator's peak above the allocated bytes before the call.
 Timings on a shared machine are noisy: medians of ``--reps``. Appends to bench/results/output_loss.json.
 
     python bench/bench_output_loss.py --part op --reps 3
@@ -66,6 +72,42 @@ def _release_free_heap() -> None:
         pass
 
 
+class PeakMemory:
+    """Peak memory read in pieces (KiB): on CPU the resident high-water mark (``VmHWM``, reset through
+    ``/proc/self/clear_refs``), on a GPU the caching allocator's peak of allocated bytes.
+    ``checkpoint()`` returns the peak since the previous one and resets the mark, so a phase clock can
+    attribute the peak to phases while ``peak()`` still covers the whole call since ``reset()``."""
+
+    def __init__(self):
+        self.high, self.device = 0, "cpu"
+
+    def _read(self) -> int:
+        return torch.cuda.max_memory_allocated() // 1024 if self.device == "cuda" else _rss_kib("VmHWM")
+
+    def _reset_mark(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := the current resident size
+
+    def reset(self, device: str) -> None:
+        self.high, self.device = 0, device
+        self._reset_mark()
+
+    def checkpoint(self) -> int:
+        now = self._read()
+        self.high = max(self.high, now)
+        self._reset_mark()
+        return now
+
+    def peak(self) -> int:
+        return max(self.high, self._read())
+
+
+PEAK = PeakMemory()
+
+
 def measure(fn, reps: int, device: str = "cpu", with_process_peak: bool = False):
     """(median wall seconds, median process CPU seconds, peak MiB above the memory in use before the
     call[, the process's peak MiB]) over ``reps`` calls. CPU time is less sensitive than wall time to
@@ -76,20 +118,18 @@ def measure(fn, reps: int, device: str = "cpu", with_process_peak: bool = False)
     for _ in range(reps):
         if device == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() / 1024
         else:
             _release_free_heap()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident size
             before = _rss_kib("VmRSS")
+        PEAK.reset(device)
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-        peak = torch.cuda.max_memory_allocated() / 1024 if device == "cuda" else _rss_kib("VmHWM")
+        peak = PEAK.peak()
         peaks.append((peak - before) / 1024)
         process.append(peak / 1024)
     out = (statistics.median(times), statistics.median(cpu), max(peaks))
@@ -129,7 +169,7 @@ def op_part(a) -> dict:
                                           reduction="none").sum().backward()
 
     variants = {"megatron linear + vocab-parallel CE": megatron, "plain Linear + F.cross_entropy": plain}
-    for chunk in a.chunks or [chunk_tokens_for(v, dev)]:
+    for chunk in a.chunks or [chunk_tokens_for(v, dev, dtype=dtype)]:
         variants[f"fused, {chunk} tokens a chunk"] = (lambda c: lambda: output_layer_loss(
             layer, hidden, labels, chunk_tokens=c).sum().backward())(chunk)
 
@@ -159,7 +199,7 @@ def op_part(a) -> dict:
     saved = meg["peak_mib"] - fused["peak_mib"]
     # fp32: megatron's loss turns the logits into their gradient in place, so the fused path saves one
     # [tokens, V] fp32 buffer less its own chunk; bf16: megatron also holds the bf16 logits/gradient.
-    chunk = a.chunks[-1] if a.chunks else chunk_tokens_for(v, dev)
+    chunk = a.chunks[-1] if a.chunks else chunk_tokens_for(v, dev, dtype=dtype)
     # (two chunks' worth of slack on CPU, where freed chunks may stay resident in the C allocator's heap)
     need = logits_mib - 2 * min(chunk, s * b) * v * 4 / 2**20 if dtype == torch.float32 else logits_mib
     ok = saved >= need
@@ -190,27 +230,37 @@ def step_part(a) -> dict:
             cmd += ["--no-optimizer"] if not a.optimizer else []
             cmd += [f"--device={a.device}"]
             cmd += ["--bf16"] if a.bf16 else []
-            subprocess.run(cmd, check=True, cwd=tmp, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if a.mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
+            subprocess.run(cmd, check=True, cwd=tmp, env=env)
             with open(path) as f:
                 out[v] = json.load(f)
     fused, plain = out["--fused-output-loss"], out["--no-fused-output-loss"]
     saved = plain["peak_mib"] - fused["peak_mib"]
     logits_mib = a.seq * a.mbs * a.vocab * 4 / 2**20
     wgrad_mib = a.vocab * a.hidden * (2 if a.bf16 else 4) / 2**20
+    floor = plain["phases"]["transformer forward"]["peak_mib"]
+    above = plain["peak_mib"] - floor
     print(f"  peak above the step's start falls by {saved:.0f} MiB (process peak by "
-          f"{plain['process_peak_mib'] - fused['process_peak_mib']:.0f} MiB); fp32 logits {logits_mib:.0f} MiB, "
-          f"logits + their gradient {2 * logits_mib:.0f} MiB, output weight gradient {wgrad_mib:.0f} MiB")
-    print("  phases (wall s / CPU s):")
+          f"{plain['process_peak_mib'] - fused['process_peak_mib']:.0f} MiB); logits {logits_mib / (2 if a.bf16 else 1):.0f} "
+          f"MiB in the model's dtype ({'bf16, and megatron also holds them in fp32' if a.bf16 else 'fp32'}), "
+          f"output weight gradient {wgrad_mib:.0f} MiB; megatron's peak is {above:.0f} MiB above its "
+          f"transformer forward's ({floor:.0f}): the most any output path could save")
+    print("  phases (wall s / CPU s / peak MiB above the step's start):")
     for name, v in out.items():
-        print(f"    {name:<24} " + "  ".join(f"{k} {p['wall_s']:6.2f}/{p['cpu_s']:6.2f}" for k, p in v["phases"].items()))
+        print(f"    {name:<24} " + "  ".join(f"{k} {p['wall_s']:6.2f}/{p['cpu_s']:6.2f}/{p['peak_mib']:5.0f}"
+                                           for k, p in v["phases"].items()))
     return {"logits_mib": logits_mib, "weight_grad_mib": wgrad_mib, "saved_mib": saved, "bf16": a.bf16,
+            "megatron_above_forward_mib": above,
             "variants": out}
 
 
 class PhaseClock:
     """Wall and CPU time marks of one step: the transformer's forward (embedding and decoder, final
     norm included), the output layer + loss forward, their backward (up to the gradient of the
-    decoder's output), the transformer's backward (and the gradient reduction)."""
+    decoder's output), the transformer's backward (and the gradient reduction); and each phase's
+    peak memory above the memory in use when the step began (where the step's peak sits)."""
 
     NAMES = ("transformer forward", "output+loss forward", "output+loss backward", "transformer backward")
 
@@ -226,25 +276,32 @@ class PhaseClock:
         decoder.register_forward_hook(decoder_done)
         model.register_forward_hook(lambda *unused: self.mark())
 
+    def _in_use_kib(self) -> int:
+        return torch.cuda.memory_allocated() // 1024 if self.device == "cuda" else _rss_kib("VmRSS")
+
     def mark(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
-        self.marks.append((time.perf_counter(), time.process_time()))
+        self.marks.append((time.perf_counter(), time.process_time(), PEAK.checkpoint()))
 
     def run(self, fn):
         self.marks = []
+        start = self._in_use_kib()
         self.mark()
         fn()
         self.mark()
         if len(self.marks) != 5:
             raise RuntimeError(f"PhaseClock: {len(self.marks)} marks, expected 5 (one micro-batch, one chunk)")
-        for name, (w0, c0), (w1, c1) in zip(self.NAMES, self.marks, self.marks[1:]):
-            t = self.totals.setdefault(name, {"wall_s": [], "cpu_s": []})
+        for name, (w0, c0, _), (w1, c1, peak) in zip(self.NAMES, self.marks, self.marks[1:]):
+            t = self.totals.setdefault(name, {"wall_s": [], "cpu_s": [], "peak_mib": []})
             t["wall_s"].append(w1 - w0)
             t["cpu_s"].append(c1 - c0)
+            t["peak_mib"].append((peak - start) / 1024)
 
     def medians(self) -> dict:
-        return {k: {kk: statistics.median(vv) for kk, vv in v.items()} for k, v in self.totals.items()}
+        """Median times; the largest peak."""
+        return {k: {kk: max(vv) if kk == "peak_mib" else statistics.median(vv) for kk, vv in v.items()}
+                for k, v in self.totals.items()}
 
 
 def step_worker(a) -> None:
@@ -344,6 +401,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-optimizer", dest="optimizer", action="store_false",
                     help="step part: forward-backward only (no optimizer state: a larger model fits)")
     ap.add_argument("--bf16", action="store_true", help="step part: bf16 weights (the trainer's --bf16)")
+    ap.add_argument("--mmap-threshold", type=int, default=128 << 10,
+                    help="step part, CPU: glibc's mmap threshold in the workers (bytes; 0: glibc's own, which "
+                         "grows as large blocks are freed), see above")
     ap.add_argument("--step-variant", choices=STEP_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "output_loss.json"))
@@ -368,7 +428,8 @@ def main(argv=None) -> int:
               "load_average": os.getloadavg()[0], "wall_s": time.time() - t0, "reps": a.reps,
               "shape": {k: getattr(a, k) for k in ("layers", "hidden", "heads", "ffn", "seq", "mbs", "vocab")},
               **({"preset": a.preset} if a.preset else {}),
-              **({"optimizer": a.optimizer} if a.part == "step" else {}), **result}
+              **({"optimizer": a.optimizer, "mmap_threshold": a.mmap_threshold} if a.part == "step" else {}),
+              **result}
     history = []
     if os.path.exists(a.out):
         with open(a.out) as f:

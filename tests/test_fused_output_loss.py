@@ -62,6 +62,7 @@ def test_bf16_error_within_twice_pytorch():
 
 def test_chunk_size_and_bad_shapes():
     assert chunk_tokens_for(50304, "cpu") == 640 and chunk_tokens_for(10, "cpu") % 64 == 0
+    assert chunk_tokens_for(50304, "cpu", dtype=torch.bfloat16) == 384  # fp32 and bf16 buffers: 6 bytes a logit
     assert even_chunk(2048, 640) == 512 and even_chunk(24, 5) == 5 and even_chunk(26, 5) == 5 and even_chunk(10, 64) == 10
     with pytest.raises(ValueError, match="must be"):
         fused_linear_cross_entropy(torch.zeros(4, 8), torch.zeros(10, 6), torch.zeros(4, dtype=torch.long))

@@ -50,16 +50,25 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-# Bytes of fp32 logits one chunk may hold (the chunk's token count follows from V/TP). Smaller chunks
-# save memory but make the matmuls less efficient (on two CPU cores: +16% time for the logits matmul
-# at 320 tokens a chunk, +7% at 1024, measured at hidden 1024).
+# Bytes of logits buffers one chunk may hold (the chunk's token count follows from V/TP and the dtype).
+# Smaller chunks save memory but make the matmuls less efficient (on two CPU cores: +16% time for the
+# logits matmul at 320 tokens a chunk, +7% at 1024, measured at hidden 1024).
 DEFAULT_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
 
 
-def chunk_tokens_for(vocab_local: int, device_type: str, chunk_bytes: Optional[int] = None) -> int:
-    """Most tokens a chunk may hold: ``chunk_bytes`` of fp32 logits, a multiple of 64 tokens (at least 64)."""
+def logit_bytes(dtype: torch.dtype) -> int:
+    """Bytes a chunk holds per logit: the accumulation buffer (fp32; fp64 for fp64), plus one in the
+    input dtype when that is narrower (``_ChunkBuffers``)."""
+    acc = torch.promote_types(dtype, torch.float32)
+    return acc.itemsize + (dtype.itemsize if dtype != acc else 0)
+
+
+def chunk_tokens_for(vocab_local: int, device_type: str, chunk_bytes: Optional[int] = None,
+                     dtype: torch.dtype = torch.float32) -> int:
+    """Most tokens a chunk may hold: ``chunk_bytes`` of logits buffers for inputs of ``dtype``, a multiple of
+    64 tokens (at least 64)."""
     budget = chunk_bytes or DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
-    return max(64, budget // (4 * vocab_local) // 64 * 64)
+    return max(64, budget // (logit_bytes(dtype) * vocab_local) // 64 * 64)
 
 
 def even_chunk(n: int, most: int) -> int:
@@ -70,7 +79,7 @@ def even_chunk(n: int, most: int) -> int:
 
 # The largest temporary (elements) of a mixed-precision weight-gradient product (bf16 in, fp32 accumulator),
 # which is formed in blocks of vocabulary rows rather than as a whole [V/TP, h] tensor.
-_MIXED_PRODUCT_ELEMS = 16 << 20
+_MIXED_PRODUCT_ELEMS = 4 << 20
 
 
 def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
@@ -263,7 +272,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                          "in it or pass main_grad=False")
     if group is not None and dist.get_world_size(group) == 1:
         group = None
-    chunk = even_chunk(hidden.shape[0], chunk_tokens or chunk_tokens_for(weight.shape[0], hidden.device.type))
+    chunk = even_chunk(hidden.shape[0], chunk_tokens or chunk_tokens_for(weight.shape[0], hidden.device.type,
+                                                                         dtype=hidden.dtype))
     if precompute is None:
         precompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(hidden.contiguous(), weight, labels.contiguous(), group, chunk, precompute,
@@ -333,5 +343,6 @@ class FusedOutputLossGPTModel(GPTModel):
         """For the trainer's ``model:`` line."""
         weight = self.output_layer.weight
         most = self.output_chunk_tokens or chunk_tokens_for(self.output_layer.output_size_per_partition,
-                                                            weight.device.type if weight is not None else "cpu")
+                                                            weight.device.type if weight is not None else "cpu",
+                                                            dtype=self.config.params_dtype)
         return f"fused linear + cross-entropy (--fused-output-loss, chunks of <= {most} tokens)"
