@@ -204,6 +204,26 @@ def test_bitwise_deterministic_across_runs_and_threads(kernel, level):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_non_finite_rows_as_pytorch(dtype, level):
+    """Rows holding a NaN or an infinity (and for bf16, whose squares are summed in float as PyTorch
+    does, values whose squares overflow), with a finite weight and with one holding an infinity: the
+    fused forward puts NaNs and infinities where PyTorch does, and the finite values agree (the bf16
+    forward takes its NaN-free rounding only for rows whose sum of squares is finite, with a finite weight)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 64, generator=g).to(dtype)
+    x[0, 5], x[1, 7], x[3, 9] = float("nan"), float("inf"), -float("inf")
+    if dtype == torch.bfloat16:
+        x[2, :] = 3e38  # (fp32 rows are summed in double: no overflow, unlike PyTorch's float mean)
+    w = (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
+    for weight in (w, w.clone().index_fill_(0, torch.tensor([3]), float("inf"))):
+        ours, want = K.rms_norm(x, weight).float(), rms_ref(x, weight).float()
+        assert torch.equal(ours.isnan(), want.isnan()), (dtype, level)
+        assert torch.equal(ours.isinf(), want.isinf()) and torch.equal(ours[ours.isinf()], want[want.isinf()])
+        fin = want.isfinite()
+        assert fin.sum() >= 2 * 63 and torch.allclose(ours[fin], want[fin], rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
 # ---- the bf16 rounding shortcut, over every float ------------------------------------------------------
 ROUND_TRIP_CHECK = r"""
 #include <stdio.h>
@@ -218,6 +238,9 @@ int main() {
     if (float_to_bits(round_to<bf16>(v)) != trip) ++bad;
     // the CPU kernels' forms (csrc/cpu/cpu_common.h): the same bits, NaN payloads included
     if (float_to_bits(cpu::round_dtype<bf16>(v)) != trip || cpu::to_dtype<bf16>(v) != from_acc<bf16>(v)) ++bad;
+    // and their forms for values known not to be NaN, on every other float
+    if (v == v && (float_to_bits(cpu::round_dtype_no_nan<bf16>(v)) != trip ||
+                   cpu::to_dtype_no_nan<bf16>(v) != from_acc<bf16>(v))) ++bad;
   }
   printf("%llu\n", bad);
 }
@@ -226,7 +249,8 @@ int main() {
 
 def test_bf16_round_to_equals_the_16_bit_round_trip_for_every_float(tmp_path):
     """round_to<bf16> stays in 32-bit lanes; it must equal narrowing to bf16 and widening back, bit for
-    bit, for all 2^32 inputs (NaNs, infinities, subnormals, ties); so must the CPU kernels' forms of both."""
+    bit, for all 2^32 inputs (NaNs, infinities, subnormals, ties); so must the CPU kernels' forms of both,
+    and their NaN-free forms for every input but NaN."""
     import os
     import shutil
     import subprocess
