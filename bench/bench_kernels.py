@@ -22,8 +22,10 @@ TORCHINDUCTOR_CPP_MARCH) held to the same level, so the row is what a host of th
 ``--torch-isa native`` leaves PyTorch at this CPU's best instead. Every record and row names the level.
 
 On the CPU an out-of-place op pays for its output's fresh pages (page faults, the kernel zeroing
-them): with glibc's allocator every tensor this size is a new mmap, so fused, eager and compiled ops
-alike (and clone) run well below copy_ bandwidth. ``--allocator jemalloc`` (PyTorch's CPU tuning
+them): with glibc's allocator every tensor this size is a new mmap, so eager and compiled ops (and
+clone) run well below copy_ bandwidth. The fused ops take their outputs from their own cache of
+freed blocks (csrc/cpu/output_cache.h; INSTELLA_CPU_OUTPUT_CACHE_MB=0 turns it off, to time them as
+the others), as in a training step, where each step's outputs reuse the previous step's memory. ``--allocator jemalloc`` (PyTorch's CPU tuning
 advice; Debian package libjemalloc2) re-runs this script with jemalloc preloaded and told to keep
 freed pages, which shows what the kernels themselves stream. The allocator is recorded with the results.
 """
@@ -316,9 +318,10 @@ def main(argv=None):
     alloc = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     allocator = "jemalloc (retaining pages)" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"
     isa = K.dispatched_isa() if dev == "cpu" else {}
+    cache_mb = K.output_cache()["cap"] >> 20 if dev == "cpu" else 0
     print(f"device {dev}, backend {K.describe_backend(dev)}, threads {torch.get_num_threads()}, "
           f"copy bandwidth {copy_gbs:.1f} GB/s (clone {clone_gbs:.1f} GB/s), THP_MEM_ALLOC_ENABLE={alloc}, "
-          f"allocator {allocator}")
+          f"allocator {allocator}" + (f", fused ops' output cache {cache_mb} MiB" if dev == "cpu" else ""))
     hdr = (f"{'kernel':13s} {'dtype':8s} {'tokens':>6s} {'pass':7s} {'fused ms':>9s} {'GB/s':>7s} "
            f"{'%copy':>6s} {'%clone':>6s} {'eager ms':>9s} {'x eager':>8s} {'compile ms':>10s} {'x compile':>9s}")
     print(hdr)
@@ -328,6 +331,7 @@ def main(argv=None):
                                or platform.machine()),
                   torch=torch.__version__, threads=torch.get_num_threads(), backend=K.backend(dev),
                   copy_gbs=copy_gbs, clone_gbs=clone_gbs, thp_mem_alloc=alloc, allocator=allocator,
+                  output_cache_mb=cache_mb,
                   isa=isa, forced_isa=os.environ.get("INSTELLA_CPU_ISA") or None,
                   aten_cpu_capability=os.environ.get("ATEN_CPU_CAPABILITY") or None,
                   inductor_march=os.environ.get("TORCHINDUCTOR_CPP_MARCH") or None, rows=rows)

@@ -113,7 +113,8 @@ def test_build_targets_never_fail(monkeypatch, capsys):
     exts, cmd = build_targets.extension_modules()
     assert [e.name for e in exts] == ["instella_plugin.kernels._cpu"] and "build_ext" in cmd
     assert set(build_targets.cpu_sources()) == {"csrc/cpu/rms_norm.cpp", "csrc/cpu/qk_norm_rope.cpp",
-                                                "csrc/cpu/swiglu.cpp", "csrc/cpu/torch_ops.cpp", "csrc/cpu/isa.cpp"}
+                                                "csrc/cpu/swiglu.cpp", "csrc/cpu/torch_ops.cpp", "csrc/cpu/isa.cpp",
+                                                "csrc/cpu/output_cache.cpp"}
     assert "-fno-trapping-math" in exts[0].extra_compile_args  # else exp's clamps stop SwiGLU vectorising
     with pytest.raises(ValueError, match="INSTELLA_KERNELS"):
         build_targets.requested_targets("gpu-please")
@@ -122,6 +123,53 @@ def test_build_targets_never_fail(monkeypatch, capsys):
             "import build_targets; print(build_targets.extension_modules())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "([], {})" and out.stderr.count("\n") == 1 and "torch not importable" in out.stderr
+
+
+OUTPUT_CACHE_CHECK = r"""
+import torch
+from instella_plugin import kernels as K
+from instella_plugin.kernels import output_cache
+
+def held():
+    return output_cache()["held"] >> 20
+
+x1, x2, w = torch.randn(1024, 512), torch.randn(2048, 512), torch.ones(512)  # 2 and 4 MiB outputs
+want1 = (x1 * torch.rsqrt(x1.pow(2).mean(-1, keepdim=True) + 1e-5)) * w
+y = K.rms_norm(x1, w)
+first = y.data_ptr()
+del y
+assert held() == 2, held()
+y = K.rms_norm(x1, w)  # the freed block again, already resident, written afresh
+assert y.data_ptr() == first and held() == 0 and torch.allclose(y, want1, rtol=1e-6, atol=1e-6)
+y2 = K.rms_norm(x2, w)  # another size: a new block
+assert y2.data_ptr() != first
+del y, y2
+assert held() == 6, held()
+ys = [K.rms_norm(x2, w) for _ in range(2)]  # one 4 MiB block reused, one new
+del ys
+assert held() == 8, held()  # the cap (8 MiB): nothing dropped yet
+y3 = K.rms_norm(torch.randn(3072, 512), w)  # 6 MiB: no such block; when freed, the oldest go
+del y3
+assert held() <= 8, held()
+small = K.rms_norm(torch.randn(4, 512), w)  # under 1 MiB: PyTorch's allocator
+del small
+assert held() <= 8
+print("ok")
+"""
+
+
+def test_cpu_output_cache_reuses_freed_outputs_within_its_cap():
+    """The CPU ops' large outputs come from a cache of their own freed blocks (csrc/cpu/output_cache.h):
+    a freed block of the same size is handed back (same address, correct values written), other sizes
+    get new blocks, the cap holds, the oldest blocks go first; INSTELLA_CPU_OUTPUT_CACHE_MB=0 keeps nothing."""
+    env = dict(os.environ, INSTELLA_CPU_OUTPUT_CACHE_MB="8")
+    out = subprocess.run([sys.executable, "-c", OUTPUT_CACHE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    code = ("import torch; from instella_plugin import kernels as K; "
+            "y = K.rms_norm(torch.randn(1024, 512), torch.ones(512)); del y; print(K.output_cache())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, INSTELLA_CPU_OUTPUT_CACHE_MB="0"))
+    assert out.stdout.strip() == "{'held': 0, 'cap': 0}", out.stdout
 
 
 def test_missing_extension_falls_back_with_one_log_line():

@@ -9,6 +9,7 @@
 #include "instella_kernels/torch_binding.h"
 #include "isa.h"
 #include "kernels.h"
+#include "output_cache.h"
 
 namespace instella {
 namespace {
@@ -21,6 +22,9 @@ struct CpuBackend {
     explicit Guard(const at::Device&) {}
   };
   static bool on_device(const Tensor& t) { return t.device().is_cpu(); }
+  static Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return cpu::cached_empty(sizes, options);
+  }
   static Tensor workspace(const Tensor& x, int64_t, int64_t) { return at::empty({0}, x.options()); }
   static void rms_norm_fwd(DType dt, const void* x, int64_t xs, const void* w, void* y, void* rstd,
                            int64_t rows, int64_t n, double eps) {
@@ -100,9 +104,16 @@ PyObject* supported_isas(PyObject*, PyObject*) {
   return out;
 }
 
+// {"held": bytes of freed outputs the cache holds now, "cap": its cap} (output_cache.h).
+PyObject* output_cache(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:L,s:L}", "held", (long long)instella::cpu::output_cache_held(), "cap",
+                       (long long)instella::cpu::output_cache_cap());
+}
+
 PyMethodDef kMethods[] = {
     {"dispatched_isa", dispatched_isa, METH_NOARGS, "{op: ISA level its next call runs}"},
     {"supported_isas", supported_isas, METH_NOARGS, "ISA levels this CPU runs, best first"},
+    {"output_cache", output_cache, METH_NOARGS, "{held, cap}: bytes of the CPU ops' output cache"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

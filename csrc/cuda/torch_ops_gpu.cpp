@@ -24,6 +24,9 @@ struct GpuBackend {
   static constexpr const char* kHint = "move all inputs to the same GPU";
   using Guard = c10::cuda::CUDAGuard;
   static bool on_device(const Tensor& t) { return t.device().is_cuda(); }
+  static Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+  }
   static Tensor workspace(const Tensor& x, int64_t rows, int64_t width) {
     const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     return at::empty({gpu::partial_chunks(rows) * width + 1}, x.options().dtype(acc));

@@ -5,15 +5,18 @@ the csrc/ extension is built (CPU: C++/OpenMP; GPU: CUDA, or HIP on ROCm) and Py
 These functions are the public entry points; ``modules.py`` wraps them as Megatron spec modules.
 On the CPU each kernel is compiled for several x86 levels and dispatched per call; ``dispatched_isa()``
 says which runs (``INSTELLA_CPU_ISA=avx512|avx2|baseline`` forces one, e.g. to time or test it).
+The CPU ops take their large outputs from a cache of their own freed blocks (``output_cache()``;
+up to ``INSTELLA_CPU_OUTPUT_CACHE_MB``, default 512, 0 turns it off), so a training step's outputs
+land in memory the previous step already faulted in instead of fresh pages the OS must zero.
 """
 from typing import Callable, Optional
 
 import torch
 
-from instella_plugin.kernels.ops import dispatched_isa, native_devices, ops, supported_isas
+from instella_plugin.kernels.ops import dispatched_isa, native_devices, ops, output_cache, supported_isas
 
 __all__ = ["rms_norm", "qk_norm_rope", "qk_norm_rope_tp", "swiglu", "native_devices", "dispatched_isa",
-           "supported_isas", "backend", "describe_backend"]
+           "supported_isas", "output_cache", "backend", "describe_backend"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

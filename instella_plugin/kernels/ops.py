@@ -190,6 +190,13 @@ def dispatched_isa() -> dict:
     return _CPU.dispatched_isa()
 
 
+def output_cache() -> dict:
+    """``{"held": bytes, "cap": bytes}`` of the native CPU ops' cache of freed outputs
+    (csrc/cpu/output_cache.h; ``INSTELLA_CPU_OUTPUT_CACHE_MB`` sets the cap, 0 turns it off);
+    zeros without the native CPU kernel."""
+    return {"held": 0, "cap": 0} if _CPU is None else _CPU.output_cache()
+
+
 def supported_isas() -> list:
     """The levels ``INSTELLA_CPU_ISA`` may name on this CPU, best first (``[]`` without the native
     CPU kernel)."""

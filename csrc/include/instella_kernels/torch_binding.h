@@ -1,6 +1,7 @@
 // The torch side of the kernels, shared by the CPU and GPU bindings: input checks that name the
 // problem and the fix (raised as ValueError), and the op bodies, generic over a backend B that
-// supplies the raw kernels (kernels.h / kernels.cuh), a device test and a workspace allocator.
+// supplies the raw kernels (kernels.h / kernels.cuh), a device test, a workspace allocator and the
+// allocator of the large outputs (contiguous).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -63,7 +64,7 @@ std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, const Tensor& w, double
               x.dim() ? x.size(-1) : 0, "]");
   const int64_t n = x.size(-1);
   Tensor xm = as_rows(x, n), wc = w.contiguous();
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = B::output(x.sizes(), x.options());
   Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_type(x)));
   B::rms_norm_fwd(dt, xm.data_ptr(), xm.stride(0), wc.data_ptr(), y.data_ptr(), rstd.data_ptr(),
                   xm.size(0), n, eps);
@@ -86,7 +87,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const
               "; pass the tensors saved by rms_norm_fwd");
   const int64_t n = x.size(-1);
   Tensor xm = as_rows(x, n), gm = as_rows(dy, n), wc = w.contiguous(), rc = rstd.contiguous();
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dx = B::output(x.sizes(), x.options());
   Tensor dw = at::empty({n}, w.options());
   Tensor ws = B::workspace(x, xm.size(0), n);
   B::rms_norm_bwd(dt, gm.data_ptr(), gm.stride(0), xm.data_ptr(), xm.stride(0), wc.data_ptr(),
@@ -144,7 +145,7 @@ std::tuple<Tensor, Tensor> qk_fwd_impl(const char* op, const Tensor& x_in, const
     ssc = ss->contiguous();
   }
   Tensor wc = w.contiguous();
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = B::output(x.sizes(), x.options());
   Tensor rstd = at::empty({sh.s, sh.b}, x.options().dtype(acc_type(x)));
   B::qk_norm_rope_fwd(dt, x.data_ptr(), sh, wc.data_ptr(), f.data_ptr(),
                       ss ? ssc.data_ptr() : nullptr, full_width, eps, y.data_ptr(), rstd.data_ptr());
@@ -199,7 +200,7 @@ std::tuple<Tensor, Tensor, Tensor> qk_norm_rope_bwd(const Tensor& dy_in, const T
               op, ": rstd ", rstd.sizes(), " ", rstd.scalar_type(), " / full_width ", full_width,
               " inconsistent with x ", x.sizes(), "; pass what the forward op saved");
   Tensor wc = w.contiguous(), rc = rstd.contiguous();
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dx = B::output(x.sizes(), x.options());
   Tensor dw = at::empty({sh.heads * sh.head_dim}, w.options());
   Tensor dss = at::empty({split ? sh.s : 0, split ? sh.b : 0}, x.options().dtype(acc_type(x)));
   Tensor ws = B::workspace(x, sh.s * sh.b, sh.heads * sh.head_dim);
@@ -225,7 +226,7 @@ Tensor swiglu_fwd(const Tensor& x) {
   Tensor xm = as_rows(x, 2 * f);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = f;
-  Tensor y = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = B::output(shape, x.options());
   B::swiglu_fwd(dt, xm.data_ptr(), xm.stride(0), y.data_ptr(), xm.size(0), f);
   return y;
 }
@@ -241,7 +242,7 @@ Tensor swiglu_bwd(const Tensor& dy, const Tensor& x) {
   TORCH_CHECK_VALUE(dy.dim() == x.dim() && dy.size(-1) == f && dy.numel() * 2 == x.numel(), op,
               ": grad ", dy.sizes(), " does not match x ", x.sizes(), " (expected last dim ", f, ")");
   Tensor xm = as_rows(x, 2 * f), gm = as_rows(dy, f);
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dx = B::output(x.sizes(), x.options());
   B::swiglu_bwd(dt, gm.data_ptr(), gm.stride(0), xm.data_ptr(), xm.stride(0), dx.data_ptr(),
                 xm.size(0), f);
   return dx;
