@@ -16,18 +16,13 @@ namespace instella {
 namespace cpu {
 namespace {
 
-// stream: write y (dx) with streaming stores (stream.h).
+// stream: write y (dx) with streaming stores (stream.h). wa: the weight in Acc<T> (bf16 widened once
+// per call, not in every row's loop); w_finite: whether all of it is finite.
 template <class T, class Tag>
-INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, const T* w, T* y,
-                              typename Acc<T>::type* rstd, int64_t r0, int64_t r1, int64_t n, double eps) {
+INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, const typename Acc<T>::type* wa,
+                              bool w_finite, T* y, typename Acc<T>::type* rstd, int64_t r0, int64_t r1,
+                              int64_t n, double eps) {
   using A = typename Acc<T>::type;
-  bool w_finite = true;
-  if (std::is_same<T, bf16>::value) {
-    int bad = 0;
-#pragma omp simd reduction(| : bad)
-    for (int64_t i = 0; i < n; ++i) bad |= !std::isfinite(to_acc(w[i]));
-    w_finite = !bad;
-  }
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * xs;
     T* yr = y + r * n;
@@ -47,11 +42,11 @@ INSTELLA_INLINE void fwd_rows(Tag isa, bool stream, const T* x, int64_t xs, cons
     // finite weight no product is NaN and bf16's rounding needs no NaN test (cpu_common.h).
     if (std::is_same<T, bf16>::value && w_finite && std::isfinite(total)) {
       write_out(isa, stream, yr, n, [&](int64_t i) {
-        return to_dtype_no_nan<T>(to_acc(w[i]) * round_dtype_no_nan<T>(to_acc(xr[i]) * inv));
+        return to_dtype_no_nan<T>(wa[i] * round_dtype_no_nan<T>(to_acc(xr[i]) * inv));
       });
     } else {
       write_out(isa, stream, yr, n, [&](int64_t i) {
-        return to_dtype<T>(to_acc(w[i]) * round_dtype<T>(to_acc(xr[i]) * inv));
+        return to_dtype<T>(wa[i] * round_dtype<T>(to_acc(xr[i]) * inv));
       });
     }
     rstd[r] = inv;
@@ -91,9 +86,10 @@ INSTELLA_INLINE void bwd_rows(Tag isa, bool stream, const T* dy, int64_t dys, co
 #define INSTELLA_RMS_WORKERS(L, TARGET)                                                         \
   template <class T>                                                                            \
   TARGET INSTELLA_WORKER void rms_fwd_chunk(IsaTag<L> isa, bool stream, const T* x, int64_t xs, \
-                                            const T* w, T* y, typename Acc<T>::type* rstd,      \
-                                            int64_t r0, int64_t r1, int64_t n, double eps) {    \
-    fwd_rows<T>(isa, stream, x, xs, w, y, rstd, r0, r1, n, eps);                                \
+                                            const typename Acc<T>::type* wa, bool w_finite, T* y, \
+                                            typename Acc<T>::type* rstd, int64_t r0, int64_t r1, \
+                                            int64_t n, double eps) {                            \
+    fwd_rows<T>(isa, stream, x, xs, wa, w_finite, y, rstd, r0, r1, n, eps);                     \
   }                                                                                             \
   template <class T>                                                                            \
   TARGET INSTELLA_WORKER void rms_bwd_chunk(IsaTag<L> isa, bool stream, const T* dy, int64_t dys, \
@@ -114,11 +110,23 @@ void rms_norm_fwd(DType dt, const void* x, int64_t x_stride, const void* w, void
     using A = typename Acc<T>::type;
     const int64_t step = 16;
     const bool stream = rows * hidden * int64_t(sizeof(T)) >= kStreamMinBytes;
+    const T* wt = static_cast<const T*>(w);
+    std::vector<A> widened;
+    const A* wa;
+    if constexpr (std::is_same<T, A>::value) {
+      wa = wt;
+    } else {
+      widened.resize(size_t(hidden));
+      for (int64_t i = 0; i < hidden; ++i) widened[i] = to_acc(wt[i]);
+      wa = widened.data();
+    }
+    bool w_finite = true;
+    for (int64_t i = 0; i < hidden && w_finite; ++i) w_finite = std::isfinite(wa[i]);
 #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
       const int64_t r1 = r0 + step < rows ? r0 + step : rows;
-      rms_fwd_chunk(isa, stream, static_cast<const T*>(x), x_stride, static_cast<const T*>(w), static_cast<T*>(y),
-                static_cast<A*>(rstd), r0, r1, hidden, eps);
+      rms_fwd_chunk(isa, stream, static_cast<const T*>(x), x_stride, wa, w_finite, static_cast<T*>(y),
+                    static_cast<A*>(rstd), r0, r1, hidden, eps);
     }
   });
 }
