@@ -6,8 +6,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
-#include <mutex>
 #include <list>
+#include <mutex>
 #include <utility>
 
 namespace instella {
