@@ -51,13 +51,17 @@ def submit_cli(cluster, *args):
     return res.stdout, jobs
 
 
+def job_logs(logs):
+    """The tail of every job log under ``logs``: what a failed assertion on job states should show."""
+    return "\n".join(f"== {f}\n" + f.read_text()[-3000:] for f in sorted(Path(logs).glob("*.out")))
+
+
 def assert_completed(cluster, jobs, timeout, logs):
     states = cluster.wait_jobs(jobs, timeout)
     bad = {k: (v.get("JobState"), v.get("ExitCode")) for k, v in states.items()
            if v.get("JobState") != "COMPLETED" or v.get("ExitCode") != "0:0"}
     if bad:
-        text = "\n".join(f"== {f}\n" + f.read_text()[-3000:] for f in sorted(Path(logs).glob("*.out")))
-        pytest.fail(f"jobs did not complete: {bad}\n{text}")
+        pytest.fail(f"jobs did not complete: {bad}\n{job_logs(logs)}")
     return states
 
 
@@ -152,12 +156,12 @@ def test_merge_runs_only_after_every_seed_succeeded(cluster, tmp_path, monkeypat
 
     states, jobs = submit_and_wait()
     seeds = [s for k, s in states.items() if not k.startswith(jobs["merge"])]
-    assert sorted(seeds) == ["COMPLETED", "COMPLETED", "FAILED"], states
+    assert sorted(seeds) == ["COMPLETED", "COMPLETED", "FAILED"], f"{states}\n{job_logs(run / 'logs')}"
     assert states[jobs["merge"]] == "CANCELLED" and not (run / "merged").exists()
 
     monkeypatch.delenv("FAIL_SEED")
     states, jobs = submit_and_wait()
-    assert set(states.values()) == {"COMPLETED"}, states
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{job_logs(run / 'logs')}"
     starts = {s: (run / f"seed_{s}/checkpoints/starts.txt").read_text().split() for s in (5796, 6198, 8915)}
     assert starts == {5796: ["0", "4"], 6198: ["0", "0"], 8915: ["0", "4"]}  # resumed where they had saved
     merged = json.loads((run / "merged/inputs.json").read_text())
