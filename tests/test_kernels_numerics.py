@@ -224,6 +224,29 @@ def test_rms_norm_non_finite_rows_as_pytorch(dtype, level):
         assert fin.sum() >= 2 * 63 and torch.allclose(ours[fin], want[fin], rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
+def test_rms_norm_bf16_word_pairs_equal_the_element_loop(level):
+    """bf16 rows of even width on 4-byte boundaries are read and written two values a word
+    (csrc/cpu/rms_norm.cpp); the same rows at an odd offset take the element loop. Output and rstd
+    are the same bits either way, at widths with and without a tail of under 32 values, for finite
+    rows and for rows holding a NaN or an infinity."""
+    g = torch.Generator().manual_seed(5)
+    for hidden in (2560, 70):
+        x = (3 * torch.randn(9, hidden, generator=g)).to(torch.bfloat16)
+        x[4, 3], x[6, hidden - 1] = float("nan"), float("inf")
+        w = (1 + 0.3 * torch.randn(hidden, generator=g)).to(torch.bfloat16)
+        buf = torch.empty(x.numel() + 1, dtype=torch.bfloat16)
+        odd = buf[1:].view(9, hidden).copy_(x)  # 2-byte offset: not on a 4-byte boundary
+        assert odd.data_ptr() % 4 == 2 and x.data_ptr() % 4 == 0
+        y_pair, rstd_pair = K.ops.rms_norm_fwd(x, w, EPS)
+        y_elem, rstd_elem = K.ops.rms_norm_fwd(odd, w, EPS)
+        assert torch.equal(y_pair.view(torch.int16), y_elem.view(torch.int16)), (hidden, level)
+        assert torch.equal(rstd_pair.view(torch.int32), rstd_elem.view(torch.int32)), (hidden, level)
+        fin = torch.ones(9, dtype=torch.bool)
+        fin[[4, 6]] = False
+        assert torch.allclose(y_pair[fin].float(), rms_ref(x, w)[fin].float(),
+                              rtol=2 * torch.finfo(torch.bfloat16).eps, atol=0)
+
+
 # ---- the bf16 rounding shortcut, over every float ------------------------------------------------------
 ROUND_TRIP_CHECK = r"""
 #include <stdio.h>
